@@ -1,0 +1,39 @@
+# Atrium developer entry points. `make run` serves the API on the embedded defaults (SQLite,
+# in-memory cache and queue); `make test` installs everything and runs the same checks as CI.
+# ATRIUM_VENV picks the virtualenv (default .venv); every target bootstraps it first.
+
+SHELL := /bin/bash
+VENV ?= $(or $(ATRIUM_VENV),.venv)
+export ATRIUM_VENV := $(VENV)
+
+.PHONY: run test lint migrate worker bench clean bootstrap services
+
+run:
+	scripts/serve
+
+test:
+	scripts/test
+
+bootstrap:
+	scripts/bootstrap
+
+services:
+	scripts/services
+
+lint: bootstrap
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+migrate: bootstrap
+	$(VENV)/bin/atrium migrate
+
+worker: bootstrap
+	$(VENV)/bin/atrium worker
+
+bench:
+	@if [ -f scripts/bench ]; then scripts/bench; else echo "no benchmark yet"; exit 1; fi
+
+clean:
+	rm -rf .venv var build dist *.egg-info
+	rm -rf .pytest_cache .ruff_cache .hypothesis .import_linter_cache
+	find . \( -path ./.git -o -path './.venv*' \) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

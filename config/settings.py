@@ -1,0 +1,198 @@
+"""One ``Settings`` object, three profiles.
+
+``ATRIUM_ENV`` picks a profile (development, test, production) whose values fill every field
+the environment left unset; any field can still be set with ``ATRIUM_<FIELD>``. Production
+refuses to start when a secret is left at its development default or a server URL is missing,
+so a misconfigured deploy fails loudly at boot instead of quietly running on SQLite.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class ConfigError(ValueError):
+    """A setting that makes the service unsafe or impossible to start; the message is one line."""
+
+
+DEV_SECRET = "dev-secret-change-me-dev-secret-change-me"
+
+# Values a profile gives to fields the environment did not set. Production gives none of the
+# server URLs: they must come from the deploy.
+PROFILES: dict[Environment, dict[str, Any]] = {
+    Environment.DEVELOPMENT: {
+        "database_url": "sqlite+aiosqlite:///./var/atrium.db",
+        "cache_backend": "memory",
+        "broker_backend": "stub",
+        "email_backend": "console",
+        "auto_migrate": True,
+        "run_worker_in_process": True,
+        "log_json": False,
+        "secret_key": DEV_SECRET,
+    },
+    Environment.TEST: {
+        "database_url": "sqlite+aiosqlite:///./var/atrium-test.db",
+        "cache_backend": "memory",
+        "broker_backend": "stub",
+        "email_backend": "memory",
+        "auto_migrate": True,
+        "run_worker_in_process": True,
+        "log_json": False,
+        "log_level": "WARNING",
+        "secret_key": DEV_SECRET,
+        "password_time_cost": 1,
+        "password_memory_cost": 1024,
+    },
+    Environment.PRODUCTION: {
+        "cache_backend": "redis",
+        "broker_backend": "redis",
+        "email_backend": "smtp",
+        "auto_migrate": False,
+        "log_json": True,
+    },
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ATRIUM_", env_file=".env", extra="ignore", frozen=True, validate_default=True
+    )
+
+    env: Environment = Environment.DEVELOPMENT
+    modules: Annotated[tuple[str, ...], NoDecode] = ("users",)
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 8000
+    root_path: str = ""
+
+    # Database
+    database_url: str = ""
+    database_pool_size: int = Field(10, ge=1)
+    database_max_overflow: int = Field(10, ge=0)
+    database_pool_timeout: float = Field(5.0, gt=0)
+    database_pool_recycle: int = 1800
+    database_pool_pre_ping: bool = True
+    database_echo: bool = False
+    auto_migrate: bool = False
+
+    # Cache
+    cache_backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = ""
+    cache_namespace: str = "atrium"
+
+    # Queue
+    broker_backend: Literal["stub", "redis", "rabbitmq"] = "stub"
+    broker_url: str = ""
+    broker_namespace: str = "atrium"
+    worker_threads: int = Field(4, ge=1)
+    job_max_retries: int = Field(5, ge=0)
+    job_min_backoff_ms: int = Field(500, ge=0)
+    job_max_backoff_ms: int = Field(60_000, ge=0)
+    job_time_limit_ms: int = Field(60_000, ge=1)
+    run_worker_in_process: bool = False  # development: jobs run inside the API process
+    relay_outbox_in_api: bool = True  # the API wakes the relay right after each commit
+    outbox_poll_interval: float = Field(1.0, gt=0)
+    outbox_batch_size: int = Field(100, ge=1)
+
+    # Email
+    email_backend: Literal["console", "memory", "smtp"] = "console"
+    email_from: str = "Atrium <no-reply@atrium.local>"
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_starttls: bool = False
+    smtp_timeout: float = 10.0
+
+    # Security
+    secret_key: str = ""
+    access_token_ttl_seconds: int = Field(3600, ge=60)
+    token_issuer: str = "atrium"
+    password_time_cost: int = Field(3, ge=1)
+    password_memory_cost: int = Field(65536, ge=8)
+
+    health_timeout: float = Field(2.0, gt=0)
+
+    # Logging
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_profile(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        raw_env = data.get("env") or Environment.DEVELOPMENT
+        try:
+            env = Environment(raw_env)
+        except ValueError:
+            raise ConfigError(
+                f"ATRIUM_ENV={raw_env!r} is not one of {', '.join(e.value for e in Environment)}"
+            ) from None
+        return {**PROFILES[env], **{k: v for k, v in data.items() if v is not None}}
+
+    @field_validator("modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.env is not Environment.PRODUCTION:
+            return self
+        if not self.secret_key or self.secret_key == DEV_SECRET:
+            raise ConfigError("ATRIUM_SECRET_KEY is unset or left at its development default")
+        if len(self.secret_key) < 32:
+            raise ConfigError("ATRIUM_SECRET_KEY must be at least 32 characters in production")
+        if not self.database_url:
+            raise ConfigError("ATRIUM_DATABASE_URL is required in production")
+        if self.database_url.startswith("sqlite"):
+            raise ConfigError("ATRIUM_DATABASE_URL must point at PostgreSQL in production, not SQLite")
+        if self.cache_backend == "redis" and not self.redis_url:
+            raise ConfigError("ATRIUM_REDIS_URL is required in production (cache_backend=redis)")
+        if self.broker_backend == "stub":
+            raise ConfigError("ATRIUM_BROKER_BACKEND=stub keeps jobs in memory; use redis or rabbitmq")
+        if not self.broker_url:
+            raise ConfigError("ATRIUM_BROKER_URL is required in production")
+        if self.email_backend == "smtp" and not self.smtp_host:
+            raise ConfigError("ATRIUM_SMTP_HOST is required in production (email_backend=smtp)")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment, with ``overrides`` taking precedence.
+
+    A ``ConfigError`` inside pydantic's ValidationError is unwrapped so callers show one line.
+    """
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        for error in exc.errors():
+            cause = (error.get("ctx") or {}).get("error")
+            if isinstance(cause, ConfigError):
+                raise cause from None
+        raise ConfigError("; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def _describe(error: Any) -> str:
+    field = ".".join(str(p) for p in error["loc"]) or "settings"
+    return f"ATRIUM_{field.upper()}: {error['msg']}"

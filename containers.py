@@ -1,0 +1,190 @@
+"""The root container: core infrastructure plus one sub-container per enabled module.
+
+Every infrastructure port is chosen here from settings with ``providers.Selector``; nothing else
+in the code base branches on the environment. Module containers declare what they need as
+``providers.Dependency()``; ``build_container`` fills each one by name from the core providers
+or from a provider of the same name exported by a module listed in ``depends_on``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from dependency_injector import containers, providers
+from dramatiq import Broker
+
+from config import Settings
+from core import cache, db, email, queue, security
+from core.module import Module, ModuleError, load_modules
+from core.outbox import Inbox, Outbox, OutboxRelay
+
+
+def _event_routes(modules: Sequence[Module]) -> dict[str, list[str]]:
+    routes: dict[str, list[str]] = {}
+    for module in modules:
+        for event, tasks in module.routes().items():
+            routes.setdefault(event, []).extend(tasks)
+    return routes
+
+
+async def _closing_cache(adapter: cache.Cache) -> AsyncIterator[cache.Cache]:
+    try:
+        yield adapter
+    finally:
+        await adapter.aclose()
+
+
+async def _closing_broker(broker: Broker) -> AsyncIterator[Broker]:
+    try:
+        yield broker
+    finally:
+        await asyncio.to_thread(broker.close)
+
+
+class Core(containers.DeclarativeContainer):
+    """Infrastructure every module may ask for, by these provider names."""
+
+    __self__ = providers.Self()
+    settings = providers.Dependency(instance_of=Settings)
+    modules = providers.Dependency(instance_of=list)
+
+    engine = providers.Singleton(
+        db.create_engine,
+        url=settings.provided.database_url,
+        pool_size=settings.provided.database_pool_size,
+        max_overflow=settings.provided.database_max_overflow,
+        pool_timeout=settings.provided.database_pool_timeout,
+        pool_recycle=settings.provided.database_pool_recycle,
+        pool_pre_ping=settings.provided.database_pool_pre_ping,
+        echo=settings.provided.database_echo,
+    )
+    sessions = providers.Singleton(db.session_factory, engine)
+    # Resources only close what the Singletons opened, so ``init_resources()`` resolves just the
+    # adapters the Selectors chose and no provider turns asynchronous.
+    engine_lifecycle = providers.Resource(db.engine_lifecycle, engine)
+
+    cache = providers.Selector(
+        settings.provided.cache_backend,
+        memory=providers.Singleton(cache.MemoryCache),
+        redis=providers.Singleton(
+            cache.RedisCache.from_url,
+            settings.provided.redis_url,
+            namespace=settings.provided.cache_namespace,
+        ),
+    )
+
+    _retry = providers.Dict(
+        max_retries=settings.provided.job_max_retries,
+        min_backoff_ms=settings.provided.job_min_backoff_ms,
+        max_backoff_ms=settings.provided.job_max_backoff_ms,
+        time_limit_ms=settings.provided.job_time_limit_ms,
+    )
+    broker = providers.Selector(
+        settings.provided.broker_backend,
+        stub=providers.Singleton(lambda retry: queue.stub_broker(**retry), _retry),
+        redis=providers.Singleton(
+            lambda url, ns, retry: queue.redis_broker(url, ns, **retry),
+            settings.provided.broker_url, settings.provided.broker_namespace, _retry,
+        ),
+        rabbitmq=providers.Singleton(
+            lambda url, retry: queue.rabbitmq_broker(url, **retry), settings.provided.broker_url, _retry
+        ),
+    )
+
+    cache_lifecycle = providers.Resource(_closing_cache, cache)
+    broker_lifecycle = providers.Resource(_closing_broker, broker)
+
+    email_sender = providers.Selector(
+        settings.provided.email_backend,
+        console=providers.Singleton(email.ConsoleEmailSender, sender=settings.provided.email_from),
+        memory=providers.Singleton(email.InMemoryEmailSender),
+        smtp=providers.Singleton(
+            email.SmtpEmailSender,
+            host=settings.provided.smtp_host,
+            port=settings.provided.smtp_port,
+            sender=settings.provided.email_from,
+            username=settings.provided.smtp_username,
+            password=settings.provided.smtp_password,
+            starttls=settings.provided.smtp_starttls,
+            timeout=settings.provided.smtp_timeout,
+        ),
+    )
+
+    password_hasher = providers.Singleton(
+        security.PasswordHasher,
+        time_cost=settings.provided.password_time_cost,
+        memory_cost=settings.provided.password_memory_cost,
+    )
+    tokens = providers.Singleton(
+        security.TokenService,
+        secret=settings.provided.secret_key,
+        ttl_seconds=settings.provided.access_token_ttl_seconds,
+        issuer=settings.provided.token_issuer,
+    )
+
+    bridge = providers.Singleton(queue.LoopBridge)
+    inbox = providers.Singleton(Inbox)
+    jobs = providers.Singleton(
+        lambda broker, sessions, inbox, bridge, mods, root: queue.JobRunner(
+            broker, sessions, inbox, bridge,
+            containers={m.name: getattr(root, m.name) for m in mods},
+            tasks=[t for m in mods for t in _module_tasks(m)],
+        ),
+        broker, sessions, inbox, bridge, modules, __self__,
+    )
+    relay = providers.Singleton(
+        lambda sessions, broker, jobs, mods, s: OutboxRelay(
+            sessions, queue.BrokerSender(broker), _event_routes(mods), jobs.queue_of,
+            batch_size=s.outbox_batch_size, poll_interval=s.outbox_poll_interval,
+        ),
+        sessions, broker, jobs, modules, settings,
+    )
+    outbox = providers.Singleton(Outbox, notify=relay.provided.kick)
+
+
+def _module_tasks(module: Module) -> list[queue.Task]:
+    seen: dict[str, queue.Task] = {t.name: t for t in module.tasks}
+    for handlers in module.subscriptions.values():
+        for t in handlers:
+            seen.setdefault(t.name, t)
+    return list(seen.values())
+
+
+def build_container(settings: Settings, modules: Sequence[Module] | None = None) -> Core:
+    """Build the root container for ``settings.modules`` (or the given, already-loaded list)."""
+    mods = list(modules) if modules is not None else load_modules(settings.modules)
+    root = Core(settings=settings, modules=mods)
+    for module in mods:
+        root.set_provider(module.name, providers.Container(module.container, **_wire(root, module)))
+    root.check_dependencies()
+    return root
+
+
+def _wire(root: Any, module: Module) -> dict[str, providers.Provider[Any]]:
+    """Match each ``providers.Dependency`` of the module's container with a provider by name."""
+    wired: dict[str, providers.Provider[Any]] = {}
+    for name, provider in module.container.providers.items():
+        if not isinstance(provider, providers.Dependency):
+            continue
+        candidate = root.providers.get(name)
+        if candidate is None or isinstance(candidate, providers.Container):
+            candidate = next(
+                (getattr(root, dep).providers[name] for dep in module.depends_on
+                 if name in module_providers(root, dep)),
+                None,
+            )
+        if candidate is None:
+            options = ", ".join(sorted(p for p in root.providers if not p.startswith("_")))
+            raise ModuleError(
+                f"module {module.name!r} needs provider {name!r}, which neither core nor its "
+                f"dependencies ({', '.join(module.depends_on) or 'none'}) provide; core offers: {options}"
+            )
+        wired[name] = candidate
+    return wired
+
+
+def module_providers(root: Any, name: str) -> dict[str, Any]:
+    sub = root.providers.get(name)
+    return dict(sub.providers) if isinstance(sub, providers.Container) else {}

@@ -1,0 +1,1 @@
+"""Cross-cutting infrastructure shared by every module (no module imports here)."""

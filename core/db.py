@@ -1,0 +1,177 @@
+"""The database: engine, sessions, the declarative base and the unit of work.
+
+Transactions are committed in exactly one place: the request edge (``TransactionalRoute``) or
+a job's ``UnitOfWork``. Repositories and services only add, flush and read. After a commit the
+hooks registered on the session run (the outbox relay is woken that way), so nothing leaves the
+process for a transaction that rolled back.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import DateTime, MetaData, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    """Every module's tables hang off this one metadata; each table is owned by one module."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime()}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class TimestampedMixin:
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+def new_id() -> uuid.UUID:
+    """A UUIDv7: random enough to be unguessable, ordered by time so b-tree inserts stay local."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76  # version 7
+    value |= (rand >> 68) << 64  # 12 random bits
+    value |= 0b10 << 62  # RFC 4122 variant
+    value |= rand & ((1 << 62) - 1)
+    return uuid.UUID(int=value)
+
+
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int = 10,
+    pool_timeout: float = 5.0,
+    pool_recycle: int = 1800,
+    pool_pre_ping: bool = True,
+    echo: bool = False,
+) -> AsyncEngine:
+    """An async engine with the pool settings exposed; SQLite gets WAL and a busy timeout."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(
+            url,
+            echo=echo,
+            pool_pre_ping=pool_pre_ping,
+            connect_args={"timeout": 30},
+        )
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(
+        url,
+        echo=echo,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=pool_timeout,
+        pool_recycle=pool_recycle,
+        pool_pre_ping=pool_pre_ping,
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+async def engine_lifecycle(engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
+    """``providers.Resource`` body: dispose the pool when the container's resources shut down.
+
+    The engine itself is a plain Singleton so that its dependents stay synchronous providers.
+    """
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+AfterCommit = Callable[[], None]
+
+
+def on_commit(session: AsyncSession, hook: AfterCommit) -> None:
+    """Run ``hook`` once, after this session's transaction commits (never on rollback)."""
+    hooks: list[AfterCommit] = session.info.setdefault("after_commit", [])
+    if hook not in hooks:
+        hooks.append(hook)
+
+
+async def commit(session: AsyncSession) -> None:
+    """Commit, then run the after-commit hooks; the only commit in the code base."""
+    await session.commit()
+    for hook in session.info.pop("after_commit", []):
+        hook()
+
+
+async def rollback(session: AsyncSession) -> None:
+    session.info.pop("after_commit", None)
+    await session.rollback()
+
+
+class UnitOfWork:
+    """One transaction for a job: ``async with uow as session: ...`` commits on success."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+        self._session: AsyncSession | None = None
+
+    async def __aenter__(self) -> AsyncSession:
+        self._session = self._sessions()
+        return self._session
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        session, self._session = self._session, None
+        assert session is not None
+        try:
+            if exc_type is None:
+                await commit(session)
+            else:
+                await rollback(session)
+        finally:
+            await session.close()

@@ -1,0 +1,145 @@
+"""The outgoing-email port, so features say "send this mail" without knowing how it travels.
+
+Development prints mail to the log, tests capture it in memory (and can wait for it, because mail
+is usually sent from a background job), production talks SMTP. Transport failures of any kind
+surface as ``EmailDeliveryError`` so callers (typically a retrying job) handle one exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import smtplib
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.message import EmailMessage as MimeMessage
+from typing import Protocol
+
+from loguru import logger
+
+
+@dataclass(frozen=True, slots=True)
+class EmailMessage:
+    to: str
+    subject: str
+    body: str
+
+
+class EmailSender(Protocol):
+    async def send(self, message: EmailMessage) -> None: ...
+
+
+class EmailDeliveryError(Exception):
+    """The mail could not be handed over to the transport."""
+
+
+class ConsoleEmailSender:
+    """Development "delivery": the whole mail goes to the log."""
+
+    def __init__(self, sender: str) -> None:
+        self.sender = sender
+
+    async def send(self, message: EmailMessage) -> None:
+        # Values are format arguments, never the format string: braces in a body stay literal.
+        logger.info(
+            "email (console)\nFrom: {}\nTo: {}\nSubject: {}\n\n{}",
+            self.sender,
+            message.to,
+            message.subject,
+            message.body,
+        )
+
+
+class InMemoryEmailSender:
+    """Keeps every sent mail in ``sent``; ``wait_for`` lets a test await mail sent elsewhere.
+
+    Mail is often sent from a background job or from a test client's own event loop, so waiters
+    are woken with ``call_soon_threadsafe`` on their own loop rather than through one shared,
+    loop-bound ``asyncio.Condition``.
+    """
+
+    def __init__(self) -> None:
+        self.sent: list[EmailMessage] = []
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+
+    async def send(self, message: EmailMessage) -> None:
+        self.sent.append(message)
+        for loop, woken in list(self._waiters):
+            with contextlib.suppress(RuntimeError):  # that waiter's loop is already closed
+                loop.call_soon_threadsafe(woken.set)
+
+    def _first_match(self, predicate: Callable[[EmailMessage], bool]) -> EmailMessage | None:
+        return next((message for message in list(self.sent) if predicate(message)), None)
+
+    async def wait_for(  # a test-facing helper: a default deadline beats asyncio.timeout noise
+        self,
+        predicate: Callable[[EmailMessage], bool],
+        timeout: float = 10.0,  # noqa: ASYNC109
+    ) -> EmailMessage:
+        """Return the first sent mail matching ``predicate``, waiting up to ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            waiter = (loop, asyncio.Event())
+            self._waiters.add(waiter)
+            try:
+                # Checked after registering, so a mail sent in between still wakes us.
+                found = self._first_match(predicate)
+                if found is not None:
+                    return found
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError(f"no matching email was sent within {timeout} s")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await waiter[1].wait()
+            finally:
+                self._waiters.discard(waiter)
+
+
+class SmtpEmailSender:
+    """Delivers through an SMTP relay; the blocking ``smtplib`` session runs in a worker thread."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        sender: str,
+        username: str | None = None,
+        password: str | None = None,
+        starttls: bool = False,
+        timeout: float = 10.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.sender = sender
+        self._username = username
+        self._password = password
+        self._starttls = starttls
+        self._timeout = timeout
+
+    def _mime(self, message: EmailMessage) -> MimeMessage:
+        mime = MimeMessage()
+        mime["From"] = self.sender
+        mime["To"] = message.to
+        mime["Subject"] = message.subject
+        mime.set_content(message.body)
+        return mime
+
+    def _deliver(self, mime: MimeMessage) -> None:
+        with smtplib.SMTP(self.host, self.port, timeout=self._timeout) as smtp:
+            if self._starttls:
+                smtp.starttls(context=ssl.create_default_context())
+            if self._username is not None:
+                smtp.login(self._username, self._password or "")
+            smtp.send_message(mime)
+
+    async def send(self, message: EmailMessage) -> None:
+        mime = self._mime(message)  # header problems are caller bugs: raise them as they are
+        try:
+            await asyncio.to_thread(self._deliver, mime)
+        except (smtplib.SMTPException, OSError) as exc:
+            raise EmailDeliveryError(
+                f"could not send email to {message.to!r} via {self.host}:{self.port}: {exc}"
+            ) from exc

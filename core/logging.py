@@ -1,0 +1,55 @@
+"""Loguru for everything: readable lines in development, JSON lines in production.
+
+Every record carries the request id of the work that produced it. The sink is ``enqueue=True``:
+records go through a queue to a writer thread, so the request path never waits on log I/O.
+stdlib loggers (uvicorn, SQLAlchemy, dramatiq, alembic) are routed through the same sink.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from loguru import logger
+
+from core.context import request_id_var
+
+_DEV_FORMAT = (
+    "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
+    "<cyan>{extra[request_id]}</cyan> <level>{message}</level>"
+)
+
+
+class _InterceptHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
+
+
+def _patch(record: Any) -> None:
+    record["extra"]["request_id"] = request_id_var.get()
+
+
+def configure_logging(level: str = "INFO", json: bool = False, enqueue: bool = True) -> None:
+    """Install the single sink; safe to call more than once (tests build several apps)."""
+    logger.remove()
+    logger.configure(patcher=_patch, extra={"request_id": "-"})
+    if json:
+        logger.add(sys.stderr, level=level, serialize=True, enqueue=enqueue, backtrace=False, diagnose=False)
+    else:
+        logger.add(sys.stderr, level=level, format=_DEV_FORMAT, enqueue=enqueue, backtrace=False,
+                   diagnose=False, colorize=None)
+    logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "sqlalchemy", "dramatiq", "alembic",
+                 "pika", "asyncio"):
+        std = logging.getLogger(name)
+        std.handlers = [_InterceptHandler()]
+        std.propagate = False
+    # Our middleware writes the access log; uvicorn's would duplicate it.
+    logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("sqlalchemy.engine").setLevel(logging.WARNING)
+    logging.getLogger("pika").setLevel(logging.WARNING)

@@ -1,0 +1,93 @@
+"""The module contract and the registry that turns ``ATRIUM_MODULES`` into an ordered list.
+
+A module is a package ``modules.<name>`` whose ``module.py`` exposes ``MODULE = Module(...)``.
+Everything that is built from modules (container, app, worker, migrations) takes the list from
+``load_modules`` so they always agree, in dependency order.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dependency_injector import containers
+from fastapi import APIRouter
+
+from core.events import IntegrationEvent
+from core.queue import Task
+
+
+class ModuleError(RuntimeError):
+    """A module list that cannot be started; the message names the module and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str
+    container: type[containers.DeclarativeContainer]
+    router: APIRouter | None = None
+    tasks: Sequence[Task] = ()
+    models: Sequence[type[Any]] = ()
+    depends_on: Sequence[str] = ()
+    subscriptions: Mapping[type[IntegrationEvent], Sequence[Task]] = field(default_factory=dict)
+
+    @property
+    def tables(self) -> list[str]:
+        return [model.__tablename__ for model in self.models]
+
+    def routes(self) -> dict[str, list[str]]:
+        """Event name -> the task names this module runs for it."""
+        return {event.name: [t.name for t in handlers] for event, handlers in self.subscriptions.items()}
+
+
+def import_module(name: str) -> Module:
+    if not name.isidentifier():
+        raise ModuleError(f"module name {name!r} is not a valid Python identifier")
+    try:
+        package = importlib.import_module(f"modules.{name}.module")
+    except ModuleNotFoundError as exc:
+        if exc.name in (f"modules.{name}", f"modules.{name}.module"):
+            raise ModuleError(f"module {name!r} not found: expected modules/{name}/module.py") from None
+        raise
+    module = getattr(package, "MODULE", None)
+    if not isinstance(module, Module):
+        raise ModuleError(f"modules/{name}/module.py must define MODULE = Module(...)")
+    if module.name != name:
+        raise ModuleError(f"modules/{name}/module.py declares name {module.name!r}; expected {name!r}")
+    return module
+
+
+def load_modules(names: Sequence[str]) -> list[Module]:
+    """Import the enabled modules and order them so each comes after what it depends on."""
+    if len(set(names)) != len(names):
+        raise ModuleError(f"a module is listed twice in ATRIUM_MODULES={','.join(names)}")
+    found = {name: import_module(name) for name in names}
+    for module in found.values():
+        for dep in module.depends_on:
+            if dep not in found:
+                raise ModuleError(
+                    f"module {module.name!r} depends on {dep!r}, which is not enabled "
+                    f"(ATRIUM_MODULES={','.join(names)})"
+                )
+        for t in [*module.tasks, *(h for hs in module.subscriptions.values() for h in hs)]:
+            if t.module != module.name:
+                raise ModuleError(f"module {module.name!r} declares task {t.name!r} outside its namespace")
+    ordered: list[Module] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise ModuleError(f"modules depend on each other in a cycle: {' -> '.join((*path, name))}")
+        state[name] = "visiting"
+        for dep in found[name].depends_on:
+            visit(dep, (*path, name))
+        state[name] = "done"
+        ordered.append(found[name])
+
+    for name in names:
+        visit(name, ())
+    return ordered

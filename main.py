@@ -1,0 +1,246 @@
+"""The app factory and the ``atrium`` command line.
+
+Importing this module builds nothing: ``create_app()`` assembles the app from settings, and the
+CLI functions build what their command needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from loguru import logger
+from sqlalchemy import text
+
+from config import ConfigError, Settings, load_settings
+from containers import build_container
+from core.error_handlers import ErrorMiddleware, install_error_handlers
+from core.health import router as health_router
+from core.logging import configure_logging
+from core.metrics import install_metrics
+from core.middleware import RequestContextMiddleware
+from core.module import Module, ModuleError, load_modules
+from core.queue import ping_broker
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API for ``settings`` (read from the environment when omitted)."""
+    settings = settings or load_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    modules = load_modules(settings.modules)
+    container = build_container(settings, modules)
+
+    app = FastAPI(
+        title="Atrium",
+        version="0.1.0",
+        summary="A modular monolith: " + ", ".join(m.name for m in modules),
+        lifespan=_lifespan,
+        root_path=settings.root_path,
+    )
+    app.state.settings = settings
+    app.state.container = container
+    app.state.modules = modules
+    app.state.providers = {}
+    install_error_handlers(app)
+
+    app.include_router(health_router)
+    api = APIRouter(prefix=API_PREFIX)
+    for module in modules:
+        if module.router is not None:
+            api.include_router(module.router)
+    app.include_router(api)
+
+    # Added innermost first: RequestContext -> metrics -> ErrorMiddleware -> routes.
+    app.add_middleware(ErrorMiddleware)
+    install_metrics(app)
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    container = app.state.container
+    if settings.auto_migrate:
+        from migrations import upgrade
+
+        await asyncio.to_thread(upgrade, settings)
+    await container.init_resources()
+    app.state.sessions = container.sessions()
+    app.state.tokens = container.tokens()
+    cache, broker, jobs, relay = container.cache(), container.broker(), container.jobs(), container.relay()
+    engine = container.engine()
+
+    async def database() -> None:
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+
+    async def broker_check() -> None:
+        await asyncio.to_thread(ping_broker, broker)
+
+    app.state.health_checks = {"database": database, "cache": cache.ping, "broker": broker_check}
+    app.state.health_timeout = settings.health_timeout
+
+    worker = None
+    if settings.run_worker_in_process:
+        import dramatiq
+
+        jobs.bridge.bind(asyncio.get_running_loop())
+        worker = dramatiq.Worker(broker, worker_threads=settings.worker_threads)
+        worker.start()
+    if settings.relay_outbox_in_api:
+        relay.start()
+    names = ",".join(m.name for m in app.state.modules)
+    logger.info("atrium started: env={} modules={}", settings.env, names)
+    try:
+        yield
+    finally:
+        if settings.relay_outbox_in_api:
+            await relay.stop()
+        if worker is not None:
+            # Off the loop: the worker's threads may be waiting on coroutines scheduled on it.
+            await asyncio.to_thread(worker.stop)
+        await container.shutdown_resources()  # disposes the pool, closes cache and broker
+        logger.info("atrium stopped")
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def run_worker(settings: Settings, threads: int | None = None) -> None:
+    """Run the enabled modules' jobs and the outbox relay until SIGINT/SIGTERM."""
+    import dramatiq
+
+    configure_logging(settings.log_level, settings.log_json)
+    container = build_container(settings)
+    bridge = container.bridge()
+    bridge.start_thread()
+    bridge.run(_maybe_await(container.init_resources()))
+    jobs, relay, broker = container.jobs(), container.relay(), container.broker()
+
+    async def start_relay() -> None:
+        relay.start()
+
+    bridge.run(start_relay())
+    worker = dramatiq.Worker(broker, worker_threads=threads or settings.worker_threads)
+    worker.start()
+    logger.info("worker started: tasks={}", ",".join(sorted(jobs.tasks)))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    logger.info("worker stopping: finishing jobs in progress")
+    worker.stop(timeout=30_000)
+    bridge.run(relay.stop())
+    bridge.run(_maybe_await(container.shutdown_resources()))
+    bridge.stop_thread()
+    logger.info("worker stopped")
+
+
+async def _maybe_await(value: Any) -> None:
+    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+        await value
+
+
+async def create_admin(settings: Settings, email: str, password: str, full_name: str) -> Any:
+    from core.db import UnitOfWork
+
+    container = build_container(settings)
+    await _maybe_await(container.init_resources())
+    try:
+        async with UnitOfWork(container.sessions()) as session:
+            return await container.users.service().create_admin(session, email, password, full_name)
+    finally:
+        await _maybe_await(container.shutdown_resources())
+
+
+def describe_modules(modules: Sequence[Module]) -> str:
+    lines: list[str] = []
+    for module in modules:
+        lines.append(f"{module.name}  (depends on: {', '.join(module.depends_on) or '-'})")
+        if module.router is not None:
+            for route in module.router.routes:
+                methods = ",".join(sorted(getattr(route, "methods", None) or []))
+                lines.append(f"  route  {methods:<7} {API_PREFIX}{getattr(route, 'path', '')}")
+        for t in module.tasks:
+            lines.append(f"  actor  {t.name}")
+        for event, handlers in module.subscriptions.items():
+            for h in handlers:
+                lines.append(f"  on     {event.name} -> {h.name}")
+        for table in module.tables:
+            lines.append(f"  table  {table}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atrium", description="Atrium modular monolith")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the API with uvicorn")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, default=1)
+    worker = sub.add_parser("worker", help="run the job worker and the outbox relay")
+    worker.add_argument("--threads", type=int)
+    migrate = sub.add_parser("migrate", help="upgrade the database schema")
+    migrate.add_argument("revision", nargs="?", default="head")
+    admin = sub.add_parser("create-admin", help="create an administrator account")
+    admin.add_argument("--email", required=True)
+    admin.add_argument("--password", required=True)
+    admin.add_argument("--full-name", default="Administrator")
+    sub.add_parser("modules", help="list enabled modules, their routes, actors and tables")
+    return parser
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        return _dispatch(args, settings)
+    except (ConfigError, ModuleError) as exc:
+        print(f"atrium: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "serve":
+        import uvicorn
+
+        load_modules(settings.modules)  # fail fast, before uvicorn, with our one-line message
+        uvicorn.run(
+            "main:create_app", factory=True,
+            host=args.host or settings.host, port=args.port or settings.port, workers=args.workers,
+            log_config=None, access_log=False, proxy_headers=True, server_header=False,
+        )
+        return 0
+    if args.command == "worker":
+        run_worker(settings, args.threads)
+        return 0
+    if args.command == "migrate":
+        from migrations import upgrade
+
+        configure_logging(settings.log_level, settings.log_json, enqueue=False)
+        upgrade(settings, args.revision)
+        print(f"database at {args.revision}")
+        return 0
+    if args.command == "create-admin":
+        configure_logging(settings.log_level, settings.log_json, enqueue=False)
+        user = asyncio.run(create_admin(settings, args.email, args.password, args.full_name))
+        print(f"admin created: {user.id} {user.email}")
+        return 0
+    if args.command == "modules":
+        print(describe_modules(load_modules(settings.modules)))
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,48 @@
+"""Alembic environment: the metadata of every enabled module, on SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+from config import load_settings
+from core.db import Base, create_engine
+from core.module import load_modules
+
+config = context.config
+settings = config.attributes.get("settings") or load_settings()
+
+import core.outbox  # noqa: E402,F401  - the outbox and inbox tables
+
+load_modules(settings.modules)  # importing each module registers its tables on Base.metadata
+target_metadata = Base.metadata
+
+
+def _run(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",  # SQLite cannot ALTER most things
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def _online() -> None:
+    engine = create_engine(settings.database_url, pool_pre_ping=False)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(_run)
+    finally:
+        await engine.dispose()
+
+
+if context.is_offline_mode():
+    context.configure(url=settings.database_url, target_metadata=target_metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+else:
+    asyncio.run(_online())

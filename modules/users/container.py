@@ -1,0 +1,19 @@
+"""The users module's providers; what it needs from core is declared, not imported."""
+
+from __future__ import annotations
+
+from dependency_injector import containers, providers
+
+from modules.users.repository import UserRepository
+from modules.users.service import UserService, UsersFacadeImpl
+
+
+class UsersContainer(containers.DeclarativeContainer):
+    password_hasher = providers.Dependency()
+    tokens = providers.Dependency()
+    outbox = providers.Dependency()
+    email_sender = providers.Dependency()
+
+    repository = providers.Singleton(UserRepository)
+    service = providers.Singleton(UserService, repository, password_hasher, tokens, outbox)
+    users_facade = providers.Singleton(UsersFacadeImpl, service)

@@ -1,0 +1,15 @@
+"""Users jobs."""
+
+from __future__ import annotations
+
+from core.email import EmailMessage
+from core.queue import JobContext, task
+from modules.users.domain import welcome_email
+from modules.users.public import UserRegistered
+
+
+@task("users.send_welcome_email")
+async def send_welcome_email(ctx: JobContext, event: UserRegistered) -> None:
+    """Mail a new user; runs once per registration even if the message is delivered twice."""
+    subject, body = welcome_email(event.full_name)
+    await ctx.container.email_sender().send(EmailMessage(to=event.email, subject=subject, body=body))
