@@ -124,7 +124,7 @@ def run_worker(settings: Settings, threads: int | None = None) -> None:
     container = build_container(settings)
     bridge = container.bridge()
     bridge.start_thread()
-    bridge.run(_maybe_await(container.init_resources()))
+    bridge.run(_init_resources(container))
     jobs, relay, broker = container.jobs(), container.relay(), container.broker()
 
     async def start_relay() -> None:
@@ -141,26 +141,30 @@ def run_worker(settings: Settings, threads: int | None = None) -> None:
     logger.info("worker stopping: finishing jobs in progress")
     worker.stop(timeout=30_000)
     bridge.run(relay.stop())
-    bridge.run(_maybe_await(container.shutdown_resources()))
+    bridge.run(_shutdown_resources(container))
     bridge.stop_thread()
     logger.info("worker stopped")
 
 
-async def _maybe_await(value: Any) -> None:
-    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
-        await value
+async def _init_resources(container: Any) -> None:
+    """Start the container's resources on the running loop (they hold loop-bound connections)."""
+    await container.init_resources()
+
+
+async def _shutdown_resources(container: Any) -> None:
+    await container.shutdown_resources()
 
 
 async def create_admin(settings: Settings, email: str, password: str, full_name: str) -> Any:
     from core.db import UnitOfWork
 
     container = build_container(settings)
-    await _maybe_await(container.init_resources())
+    await _init_resources(container)
     try:
         async with UnitOfWork(container.sessions()) as session:
             return await container.users.service().create_admin(session, email, password, full_name)
     finally:
-        await _maybe_await(container.shutdown_resources())
+        await _shutdown_resources(container)
 
 
 def describe_modules(modules: Sequence[Module]) -> str:
