@@ -157,6 +157,8 @@ def build_container(settings: Settings, modules: Sequence[Module] | None = None)
     mods = list(modules) if modules is not None else load_modules(settings.modules)
     root = Core(settings=settings, modules=mods)
     for module in mods:
+        if module.name in root.providers:
+            raise ModuleError(f"module name {module.name!r} collides with the core provider of that name")
         root.set_provider(module.name, providers.Container(module.container, **_wire(root, module)))
     root.check_dependencies()
     return root

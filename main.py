@@ -18,10 +18,12 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from loguru import logger
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from config import ConfigError, Settings, load_settings
 from containers import build_container
 from core.error_handlers import ErrorMiddleware, install_error_handlers
+from core.errors import AppError
 from core.health import router as health_router
 from core.logging import configure_logging
 from core.metrics import install_metrics
@@ -212,6 +214,13 @@ def cli(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ModuleError) as exc:
         print(f"atrium: {exc}", file=sys.stderr)
         return 2
+    except AppError as exc:  # e.g. create-admin with a taken email or a weak password
+        print(f"atrium: {exc.message}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        print(f"atrium: database error ({type(exc).__name__}); is it reachable and migrated "
+              "(`atrium migrate`)?", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:

@@ -8,7 +8,7 @@ from contextvars import ContextVar
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
-_WELL_FORMED = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+_WELL_FORMED = re.compile(r"[A-Za-z0-9._:-]{8,128}")
 
 
 def new_request_id() -> str:
@@ -17,6 +17,6 @@ def new_request_id() -> str:
 
 def accept_request_id(candidate: str | None) -> str:
     """Keep a caller's id only when it is well-formed, so logs can't be forged or flooded."""
-    if candidate and _WELL_FORMED.match(candidate):
+    if candidate and _WELL_FORMED.fullmatch(candidate):
         return candidate
     return new_request_id()

@@ -154,8 +154,11 @@ class OutboxRelay:
             except Exception as exc:  # broker or database down: keep the rows, retry later
                 backoff = min(backoff * 2, 30.0)
                 logger.warning("outbox: relay failed ({}); retrying in {:.1f}s", exc, backoff)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # races with the event being set, and stop() would then wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=backoff)
+                async with asyncio.timeout(backoff):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def relay_once(self) -> int:

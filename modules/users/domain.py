@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from core.errors import Conflict, Unauthorized
+from core.errors import Conflict, Unauthorized, Unprocessable
 
 MIN_AGE = 18
 MIN_PASSWORD_LENGTH = 8
@@ -35,6 +35,15 @@ def welcome_email(full_name: str) -> tuple[str, str]:
         "Welcome to Atrium",
         f"Hi {first},\n\nyour Atrium account is ready. Sign in with this email address.\n\n— Atrium",
     )
+
+
+def check_password(password: str) -> None:
+    """The password policy; the HTTP schema enforces the same bounds before this is reached."""
+    if not MIN_PASSWORD_LENGTH <= len(password) <= MAX_PASSWORD_LENGTH:
+        raise Unprocessable(
+            f"The password must be {MIN_PASSWORD_LENGTH} to {MAX_PASSWORD_LENGTH} characters long.",
+            code="weak_password",
+        )
 
 
 class EmailTaken(Conflict):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import uuid
 
+from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.errors import NotFound, Unauthorized
+from core.errors import NotFound, Unauthorized, Unprocessable
 from core.outbox import Outbox
 from core.security import PasswordHasher, Principal, TokenService
-from modules.users.domain import EmailTaken, InvalidCredentials, User, normalize_email
+from modules.users.domain import EmailTaken, InvalidCredentials, User, check_password, normalize_email
 from modules.users.models import UserRow
 from modules.users.public import UserRegistered, UserSummary
 from modules.users.repository import UserRepository
@@ -50,6 +51,11 @@ class UserService:
 
     async def create_admin(self, session: AsyncSession, email: str, password: str, full_name: str) -> User:
         """Create an administrator (CLI only; there is no public route for it)."""
+        check_password(password)
+        try:
+            email = validate_email(email, check_deliverability=False).normalized
+        except EmailNotValidError as exc:
+            raise Unprocessable(f"Invalid email address: {exc}", code="invalid_email") from None
         return await self.register(session, email, password, full_name, age=18, is_admin=True)
 
     async def issue_token(self, session: AsyncSession, email: str, password: str) -> tuple[str, int]:

@@ -11,7 +11,7 @@ import main
 from config import ConfigError, Environment, Settings, load_settings
 from config.settings import DEV_SECRET
 
-GOOD_SECRET = "production-secret-0123456789-abcdefghijklmnop"  # noqa: S105
+GOOD_SECRET = "production-secret-0123456789-abcdefghijklmnop"
 
 PRODUCTION = {
     "ATRIUM_ENV": "production",
