@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from typing import Any
 
+import orjson
 from loguru import logger
 
 from core.context import request_id_var
@@ -27,11 +29,33 @@ class _InterceptHandler(logging.Handler):
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
-        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
+        logger.bind(logger=record.name).opt(depth=6, exception=record.exc_info).log(
+            level, record.getMessage()
+        )
 
 
 def _patch(record: Any) -> None:
     record["extra"]["request_id"] = request_id_var.get()
+
+
+def _json_line(record: Any) -> str:
+    """One compact JSON object per line (loguru's own ``serialize`` nests a much larger record)."""
+    line: dict[str, Any] = {
+        "ts": record["time"].isoformat(),
+        "level": record["level"].name,
+        "logger": record["extra"].get("logger") or record["name"],
+        "msg": record["message"],
+        "request_id": record["extra"].get("request_id", "-"),
+        "pid": record["process"].id,
+    }
+    extra = {k: v for k, v in record["extra"].items() if k not in ("request_id", "logger", "_json")}
+    if extra:
+        line["extra"] = extra
+    if record["exception"] is not None:
+        exc = record["exception"]
+        line["exception"] = "".join(traceback.format_exception(exc.type, exc.value, exc.traceback))
+    record["extra"]["_json"] = orjson.dumps(line, default=str).decode()
+    return "{extra[_json]}\n"
 
 
 def configure_logging(level: str = "INFO", json: bool = False, enqueue: bool = True) -> None:
@@ -39,7 +63,8 @@ def configure_logging(level: str = "INFO", json: bool = False, enqueue: bool = T
     logger.remove()
     logger.configure(patcher=_patch, extra={"request_id": "-"})
     if json:
-        logger.add(sys.stderr, level=level, serialize=True, enqueue=enqueue, backtrace=False, diagnose=False)
+        logger.add(sys.stderr, level=level, format=_json_line, enqueue=enqueue, backtrace=False,
+                   diagnose=False)
     else:
         logger.add(sys.stderr, level=level, format=_DEV_FORMAT, enqueue=enqueue, backtrace=False,
                    diagnose=False, colorize=None)

@@ -68,7 +68,10 @@ def _start_worker(values: dict[str, Any], log_path: Path) -> subprocess.Popen[by
     log = log_path.open("wb")
     return subprocess.Popen(
         [sys.executable, "-m", "main", "worker", "--threads", "2"],
-        cwd=ROOT, env=as_environment(values), stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=as_environment(values),
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -83,7 +86,8 @@ def _stop_worker(process: subprocess.Popen[bytes]) -> int:
 
 @pytest.fixture(scope="session", params=["development", "production"])
 async def stack(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
     pg_database_factory: Callable[[], Awaitable[str]],
 ) -> AsyncIterator[Stack]:
     tmp = tmp_path_factory.mktemp(request.param)
@@ -167,8 +171,12 @@ def unique_email(prefix: str = "user") -> str:
 
 
 def signup_body(**overrides: Any) -> dict[str, Any]:
-    body = {"email": unique_email(), "password": "correct horse battery", "full_name": "Ada Lovelace",
-            "age": 36}
+    body = {
+        "email": unique_email(),
+        "password": "correct horse battery",
+        "full_name": "Ada Lovelace",
+        "age": 36,
+    }
     body.update(overrides)
     return body
 
@@ -200,8 +208,8 @@ async def make_admin(stack: Stack) -> str:
     return await login(stack.client, email, password)
 
 
-async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         result = check()
         if asyncio.iscoroutine(result):

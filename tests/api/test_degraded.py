@@ -16,11 +16,14 @@ class TestDatabaseDown:
     async def test_requests_needing_the_database_get_503(self, tmp_path: object) -> None:
         settings = make_settings(
             database_url=f"postgresql+asyncpg://postgres@127.0.0.1:{CLOSED_PORT}/atrium",
-            auto_migrate=False, database_pool_timeout=1.0,
+            auto_migrate=False,
+            database_pool_timeout=1.0,
         )
         async with _serve(create_app(settings)) as client:
             started = time.monotonic()
-            response = await client.post("/api/v1/auth/token", data={"username": "a@b.co", "password": "x" * 8})
+            response = await client.post(
+                "/api/v1/auth/token", data={"username": "a@b.co", "password": "x" * 8}
+            )
             assert time.monotonic() - started < 5
             assert_envelope(response, 503, "service_unavailable")
             assert response.headers["retry-after"] == "1"
@@ -38,7 +41,8 @@ class TestCacheDown:
     async def test_readiness_names_the_cache(self, tmp_path: object) -> None:
         settings = make_settings(
             database_url=f"sqlite+aiosqlite:///{tmp_path}/cache-down.db",
-            cache_backend="redis", redis_url=f"redis://127.0.0.1:{CLOSED_PORT}/0",
+            cache_backend="redis",
+            redis_url=f"redis://127.0.0.1:{CLOSED_PORT}/0",
         )
         async with _serve(create_app(settings)) as client:
             error = assert_envelope(await client.get("/health/ready"), 503, "not_ready")
@@ -46,8 +50,10 @@ class TestCacheDown:
             assert checks["cache"]["status"] == "down"
             assert checks["database"]["status"] == "ok"
             assert checks["broker"]["status"] == "ok"
-            signup = await client.post("/api/v1/users", json={
-                "email": "c@example.com", "password": "password1", "full_name": "C", "age": 20})
+            signup = await client.post(
+                "/api/v1/users",
+                json={"email": "c@example.com", "password": "password1", "full_name": "C", "age": 20},
+            )
             assert signup.status_code == 201  # users does not need the cache
 
 
@@ -55,13 +61,16 @@ class TestBrokerDown:
     async def test_signup_succeeds_and_the_event_waits_in_the_outbox(self, tmp_path: object) -> None:
         settings = make_settings(
             database_url=f"sqlite+aiosqlite:///{tmp_path}/broker-down.db",
-            broker_backend="redis", broker_url=f"redis://127.0.0.1:{CLOSED_PORT}/0",
+            broker_backend="redis",
+            broker_url=f"redis://127.0.0.1:{CLOSED_PORT}/0",
             run_worker_in_process=False,
         )
         app = create_app(settings)
         async with _serve(app) as client:
-            response = await client.post("/api/v1/users", json={
-                "email": "d@example.com", "password": "password1", "full_name": "D", "age": 20})
+            response = await client.post(
+                "/api/v1/users",
+                json={"email": "d@example.com", "password": "password1", "full_name": "D", "age": 20},
+            )
             assert response.status_code == 201
             ready = assert_envelope(await client.get("/health/ready"), 503, "not_ready")
             assert ready["details"]["checks"]["broker"]["status"] == "down"
@@ -74,5 +83,3 @@ class TestBrokerDown:
                 rows = (await session.scalars(select(OutboxMessage))).all()
             assert [r.name for r in rows] == ["users.UserRegistered"]
             assert rows[0].published_at is None
-
-

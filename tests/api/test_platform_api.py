@@ -71,7 +71,9 @@ class TestMetrics:
         await client.get("/api/v1/users/me")
         response = await client.get("/metrics")
         assert response.status_code == 200
-        assert re.search(r'http_requests_total\{handler="/api/v1/users/me",method="GET",status="401"\} \d', response.text)
+        assert re.search(
+            r'http_requests_total\{handler="/api/v1/users/me",method="GET",status="401"\} \d', response.text
+        )
         assert "process_cpu_seconds_total" in response.text
 
 

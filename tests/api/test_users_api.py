@@ -25,7 +25,8 @@ def assert_envelope(response: httpx.Response, status: int, code: str) -> dict:
     assert set(body) == {"error"}
     assert set(body["error"]) == {"code", "message", "details"}
     assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
     assert isinstance(body["error"]["details"], dict)
     return body["error"]
 
@@ -61,7 +62,9 @@ class TestSignUp:
             ("password", "x" * 129),
         ],
     )
-    async def test_invalid_field_is_422_naming_it(self, client: httpx.AsyncClient, field: str, value: object) -> None:
+    async def test_invalid_field_is_422_naming_it(
+        self, client: httpx.AsyncClient, field: str, value: object
+    ) -> None:
         response = await client.post(USERS, json=signup_body(**{field: value}))
         error = assert_envelope(response, 422, "validation_error")
         locations = [e["loc"] for e in error["details"]["errors"]]
@@ -78,7 +81,9 @@ class TestSignUp:
         assert "secret7" not in response.text
 
     async def test_malformed_json_is_400(self, client: httpx.AsyncClient) -> None:
-        response = await client.post(USERS, content=b'{"email": ', headers={"content-type": "application/json"})
+        response = await client.post(
+            USERS, content=b'{"email": ', headers={"content-type": "application/json"}
+        )
         assert_envelope(response, 400, "invalid_json")
 
     async def test_a_json_array_is_422(self, client: httpx.AsyncClient) -> None:
@@ -110,7 +115,9 @@ class TestToken:
     async def test_issues_a_bearer_token(self, client: httpx.AsyncClient) -> None:
         body = signup_body()
         await client.post(USERS, json=body)
-        response = await client.post(TOKEN, data={"username": body["email"].upper(), "password": body["password"]})
+        response = await client.post(
+            TOKEN, data={"username": body["email"].upper(), "password": body["password"]}
+        )
         assert response.status_code == 200, response.text
         token = response.json()
         assert token["token_type"] == "bearer"
@@ -168,8 +175,16 @@ class TestMe:
     async def test_alg_none_token_is_401(self, client: httpx.AsyncClient) -> None:
         user, _ = await sign_up(client)
         now = int(datetime.now(UTC).timestamp())
-        claims = {"sub": user["id"], "adm": True, "iss": "atrium", "iat": now, "nbf": now, "exp": now + 600,
-                  "jti": "x", "typ": "access"}
+        claims = {
+            "sub": user["id"],
+            "adm": True,
+            "iss": "atrium",
+            "iat": now,
+            "nbf": now,
+            "exp": now + 600,
+            "jti": "x",
+            "typ": "access",
+        }
         token = _forge(claims, {"alg": "none", "typ": "JWT"})
         assert_envelope(await client.get(f"{USERS}/me", headers=bearer(token)), 401, "invalid_token")
 
@@ -207,7 +222,9 @@ class TestGetUser:
 
     async def test_malformed_id_is_422(self, client: httpx.AsyncClient) -> None:
         _, token = await sign_up(client)
-        assert_envelope(await client.get(f"{USERS}/not-a-uuid", headers=bearer(token)), 422, "validation_error")
+        assert_envelope(
+            await client.get(f"{USERS}/not-a-uuid", headers=bearer(token)), 422, "validation_error"
+        )
 
     async def test_without_a_token_is_401(self, client: httpx.AsyncClient) -> None:
         assert (await client.get(f"{USERS}/{uuid.uuid4()}")).status_code == 401
