@@ -97,6 +97,7 @@ def create_engine(
             connect_args={"timeout": 30},
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
     return create_async_engine(
         url,
@@ -110,11 +111,21 @@ def create_engine(
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling emits no BEGIN before a SAVEPOINT, which breaks nested
+    # transactions; turn it off and let SQLAlchemy emit BEGIN itself (see _sqlite_begin).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    # IMMEDIATE takes the write lock up front: a read-then-write transaction can then never fail
+    # with "database is locked" because another connection wrote in between. SQLite serves
+    # development, where serialised transactions cost nothing that matters.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 async def engine_lifecycle(engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:

@@ -45,6 +45,9 @@ class OutboxMessage(Base):
     published_at: Mapped[datetime | None] = mapped_column(default=None)
     attempts: Mapped[int] = mapped_column(default=0)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    # Set when a row can never be delivered (no such task): kept for inspection, never retried,
+    # so it cannot block the rows behind it.
+    parked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class InboxMessage(Base):
@@ -166,7 +169,7 @@ class OutboxRelay:
         async with self._sessions() as session:
             stmt = (
                 select(OutboxMessage)
-                .where(OutboxMessage.published_at.is_(None))
+                .where(OutboxMessage.published_at.is_(None), OutboxMessage.parked_at.is_(None))
                 .order_by(OutboxMessage.id)
                 .limit(self._batch_size)
             )
@@ -176,18 +179,24 @@ class OutboxRelay:
             if not rows:
                 await session.rollback()
                 return 0
-            sent = 0
-            try:
-                for row in rows:
-                    for message in self._messages(row):
+            for row in rows:
+                try:
+                    messages = self._messages(row)
+                except Exception as exc:  # unroutable: retrying cannot help
+                    row.attempts += 1
+                    row.last_error = f"unroutable: {type(exc).__name__}: {exc}"[:2000]
+                    row.parked_at = utcnow()
+                    logger.error("outbox: parked {} {} ({}): {}", row.kind, row.name, row.id, row.last_error)
+                    continue
+                try:
+                    for message in messages:
                         await self._deliver(message)
-                    row.published_at = utcnow()
-                    sent += 1
-            except Exception as exc:
-                rows[sent].attempts += 1
-                rows[sent].last_error = f"{type(exc).__name__}: {exc}"[:2000]
-                await session.commit()
-                raise
+                except Exception as exc:  # broker trouble: stop here, keep the row, retry later
+                    row.attempts += 1
+                    row.last_error = f"{type(exc).__name__}: {exc}"[:2000]
+                    await session.commit()
+                    raise
+                row.published_at = utcnow()
             await session.commit()
             return len(rows)
 

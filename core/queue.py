@@ -109,8 +109,10 @@ def ping_broker(broker: dramatiq.Broker) -> None:
     client = getattr(broker, "client", None)
     if client is not None:  # Redis
         client.ping()
-    elif hasattr(broker, "connection") and not broker.connection.is_open:  # RabbitMQ
-        raise ConnectionError("RabbitMQ connection is closed")
+    elif hasattr(broker, "parameters"):  # RabbitMQ: a fresh connection, not the cached one
+        import pika
+
+        pika.BlockingConnection(broker.parameters).close()
 
 
 class BrokerSender:

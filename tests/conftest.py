@@ -11,13 +11,14 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from config import Settings
+from core.db import create_engine
 from migrations import upgrade
 from tests.support.services import POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, postgres_dsn, require
 
-TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"  # noqa: S105
+TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -103,7 +104,7 @@ async def session(database_url: str) -> AsyncIterator[AsyncSession]:
 
     Code under test may commit or use savepoints; all of it lives in the outer transaction.
     """
-    engine = create_async_engine(database_url)
+    engine = create_engine(database_url)
     async with engine.connect() as connection:
         transaction = await connection.begin()
         session = AsyncSession(bind=connection, join_transaction_mode="create_savepoint",

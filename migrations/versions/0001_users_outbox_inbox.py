@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("published_at", TS, nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("parked_at", TS, nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_outbox_messages")),
     )
     op.create_index("ix_outbox_messages_unpublished", "outbox_messages", ["published_at", "id"])
