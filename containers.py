@@ -16,9 +16,10 @@ from dependency_injector import containers, providers
 from dramatiq import Broker
 
 from config import Settings
-from core import cache, db, email, queue, security
+from core import cache, db, email, metrics, queue, security
 from core.module import Module, ModuleError, load_modules
 from core.outbox import Inbox, Outbox, OutboxRelay
+from core.pagination import CursorCodec
 
 
 def _event_routes(modules: Sequence[Module]) -> dict[str, list[str]]:
@@ -68,6 +69,7 @@ class Core(containers.DeclarativeContainer):
     cache = providers.Selector(
         settings.provided.cache_backend,
         memory=providers.Singleton(cache.MemoryCache),
+        none=providers.Singleton(cache.NullCache),
         redis=providers.Singleton(
             cache.RedisCache.from_url,
             settings.provided.redis_url,
@@ -124,15 +126,19 @@ class Core(containers.DeclarativeContainer):
         issuer=settings.provided.token_issuer,
     )
 
+    metrics_registry = providers.Singleton(metrics.new_registry)
+    cursors = providers.Singleton(CursorCodec, settings.provided.secret_key)
+
     bridge = providers.Singleton(queue.LoopBridge)
     inbox = providers.Singleton(Inbox)
     jobs = providers.Singleton(
-        lambda broker, sessions, inbox, bridge, mods, root: queue.JobRunner(
+        lambda broker, sessions, inbox, bridge, mods, root, s: queue.JobRunner(
             broker, sessions, inbox, bridge,
             containers={m.name: getattr(root, m.name) for m in mods},
             tasks=[t for m in mods for t in _module_tasks(m)],
+            queue_prefix=f"{s.broker_namespace}.",
         ),
-        broker, sessions, inbox, bridge, modules, __self__,
+        broker, sessions, inbox, bridge, modules, __self__, settings,
     )
     relay = providers.Singleton(
         lambda sessions, broker, jobs, mods, s: OutboxRelay(

@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Added innermost first: RequestContext -> metrics -> ErrorMiddleware -> routes.
     app.add_middleware(ErrorMiddleware)
-    install_metrics(app)
+    install_metrics(app, container.metrics_registry())
     app.add_middleware(RequestContextMiddleware)
     return app
 

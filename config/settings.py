@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     )
 
     env: Environment = Environment.DEVELOPMENT
-    modules: Annotated[tuple[str, ...], NoDecode] = ("users",)
+    modules: Annotated[tuple[str, ...], NoDecode] = ("users", "items")
 
     # HTTP
     host: str = "127.0.0.1"
@@ -87,9 +87,10 @@ class Settings(BaseSettings):
     auto_migrate: bool = False
 
     # Cache
-    cache_backend: Literal["memory", "redis"] = "memory"
+    cache_backend: Literal["memory", "redis", "none"] = "memory"
     redis_url: str = ""
     cache_namespace: str = "atrium"
+    items_cache_ttl: float = Field(300.0, gt=0)
 
     # Queue
     broker_backend: Literal["stub", "redis", "rabbitmq"] = "stub"

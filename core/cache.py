@@ -4,7 +4,14 @@ A cache is an optimisation: every caller must cope with a miss, so a value that 
 evicted or no longer matches today's schema all read as ``None``. What callers must *not* see is a
 driver-specific exception: an unreachable store surfaces as one ``CacheUnavailable`` so the caller
 can decide to degrade (skip the cache) instead of failing the request. ``MemoryCache`` exists so
-tests and single-process development run the same code path without a server.
+tests and single-process development run the same code path without a server; ``NullCache`` runs
+the same code with the cache turned off.
+
+Generation-guarded entries (``get_current`` / ``set_current`` / ``invalidate``) make cache-aside
+reads safe against a concurrent write: logical key ``K`` has a counter at ``K#gen`` (missing = 0)
+and its value lives at ``K@<gen>``. A reader notes the generation *before* loading from the source
+of truth and may store only under that generation if it is still current; a writer's ``invalidate``
+bumps the counter, so a reader that loaded stale data before the write can no longer store it.
 """
 
 from __future__ import annotations
@@ -21,6 +28,11 @@ from redis.exceptions import RedisError
 
 T = TypeVar("T")
 
+GEN_TTL = 7 * 24 * 3600.0
+"""Seconds a generation counter lives after its last bump or store; a guarded value never lives
+longer (``set_current`` caps its ttl here and refreshes the counter), so a counter can expire and
+restart at 0 only once no value stored under one of its generations is left to resurrect."""
+
 
 class CacheUnavailable(Exception):
     """The cache backend could not be reached or refused the command."""
@@ -35,11 +47,35 @@ class Cache(Protocol):
     async def ping(self) -> None: ...
     async def aclose(self) -> None: ...
 
+    async def get_current(self, key: str) -> tuple[int, bytes | None]:
+        """``key``'s current generation and the value stored for it (``None`` on a miss)."""
+        ...
+
+    async def set_current(self, key: str, generation: int, value: bytes, ttl: float | None = None) -> bool:
+        """Store ``value`` for ``generation`` only if it is still current; return whether it was.
+
+        ``ttl`` is capped at ``GEN_TTL`` (``None`` means ``GEN_TTL``)."""
+        ...
+
+    async def invalidate(self, *keys: str) -> None:
+        """Bump each key's generation and drop the value of the old one."""
+        ...
+
 
 def _check_ttl(ttl: float | None) -> None:
     # A zero or negative TTL is almost always a bug (Redis rejects it too); fail loudly and alike.
     if ttl is not None and not ttl > 0:
         raise ValueError(f"ttl must be a positive number of seconds or None, got {ttl!r}")
+
+
+def _guarded_ttl(ttl: float | None) -> float:
+    _check_ttl(ttl)
+    return GEN_TTL if ttl is None else min(ttl, GEN_TTL)
+
+
+def _check_generation(generation: int) -> None:
+    if generation < 0:
+        raise ValueError(f"generation must be a value returned by get_current, got {generation!r}")
 
 
 class MemoryCache:
@@ -52,6 +88,10 @@ class MemoryCache:
         self._clock = clock
         # key -> (value, absolute expiry on ``clock`` or None); order is least- to most-recently used.
         self._entries: OrderedDict[str, tuple[bytes, float | None]] = OrderedDict()
+        # Generation counters, in their own LRU of the same capacity (they do not count as entries).
+        # Only ``K@<current gen>`` can hold a guarded value (``invalidate`` deletes the old one), so
+        # evicting a counter drops that one value and its restart at 0 reveals nothing stale.
+        self._generations: OrderedDict[str, int] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -99,11 +139,89 @@ class MemoryCache:
                 removed += 1
         return removed
 
+    def _generation(self, key: str) -> int:
+        generation = self._generations.get(key)
+        if generation is None:
+            return 0
+        self._generations.move_to_end(key)
+        return generation
+
+    async def get_current(self, key: str) -> tuple[int, bytes | None]:
+        generation = self._generation(key)
+        return generation, self._live(_value_key(key, generation))
+
+    async def set_current(self, key: str, generation: int, value: bytes, ttl: float | None = None) -> bool:
+        _check_generation(generation)
+        ttl = _guarded_ttl(ttl)
+        if generation != self._generation(key):
+            return False
+        self._store(_value_key(key, generation), value, ttl)
+        return True
+
+    async def invalidate(self, *keys: str) -> None:
+        for key in dict.fromkeys(keys):
+            old = self._generations.pop(key, 0)
+            self._entries.pop(_value_key(key, old), None)
+            self._generations[key] = old + 1
+            while len(self._generations) > self._max_entries:
+                evicted, generation = self._generations.popitem(last=False)
+                self._entries.pop(_value_key(evicted, generation), None)
+
     async def ping(self) -> None:
         return None
 
     async def aclose(self) -> None:
         self._entries.clear()
+        self._generations.clear()
+
+
+def _value_prefix(key: str) -> str:
+    return f"{key}@"
+
+
+def _value_key(key: str, generation: int) -> str:
+    return f"{_value_prefix(key)}{generation}"
+
+
+def _gen_key(key: str) -> str:
+    return f"{key}#gen"
+
+
+class NullCache:
+    """The cache turned off: every read misses and every write is dropped (but still validated)."""
+
+    async def get(self, key: str) -> bytes | None:
+        return None
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [None] * len(keys)
+
+    async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        _check_ttl(ttl)
+
+    async def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
+        _check_ttl(ttl)
+        return False
+
+    async def delete(self, *keys: str) -> int:
+        return 0
+
+    async def get_current(self, key: str) -> tuple[int, bytes | None]:
+        return 0, None
+
+    async def set_current(self, key: str, generation: int, value: bytes, ttl: float | None = None) -> bool:
+        _check_generation(generation)
+        _check_ttl(ttl)
+        return False
+
+    async def invalidate(self, *keys: str) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
 
 
 @contextmanager
@@ -114,12 +232,48 @@ def _unavailable_on_error() -> Iterator[None]:
         raise CacheUnavailable(f"redis cache error: {exc}") from exc
 
 
+# KEYS[1] = K#gen; ARGV[1] = "K@". The value key depends on the generation read here, so it cannot
+# be declared in KEYS: fine on a single server, not on Redis Cluster.
+_GET_CURRENT = """
+local generation = redis.call('GET', KEYS[1]) or '0'
+return {tonumber(generation), redis.call('GET', ARGV[1] .. generation)}
+"""
+
+# KEYS[1] = K#gen, KEYS[2] = K@<generation>; ARGV = generation, value, ttl ms, GEN_TTL ms.
+# Storing refreshes the counter's expiry so it outlives the value just stored.
+_SET_CURRENT = """
+local generation = redis.call('GET', KEYS[1]) or '0'
+if generation ~= ARGV[1] then
+    return 0
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+if generation ~= '0' then
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return 1
+"""
+
+# KEYS = K#gen for each key; ARGV[1] = GEN_TTL ms, ARGV[i + 1] = "K@" for KEYS[i].
+_INVALIDATE = """
+for i, gen_key in ipairs(KEYS) do
+    local old = redis.call('INCR', gen_key) - 1
+    redis.call('PEXPIRE', gen_key, ARGV[1])
+    redis.call('DEL', ARGV[i + 1] .. old)
+end
+return 0
+"""
+
+
 class RedisCache:
     """Redis-backed cache; every key lives under ``f"{namespace}:"`` so apps can share a server."""
 
     def __init__(self, client: aioredis.Redis, namespace: str = "atrium") -> None:
         self._client = client
         self._namespace = namespace
+        # Registering is local; each call runs EVALSHA and loads the script on NOSCRIPT.
+        self._get_current = client.register_script(_GET_CURRENT)
+        self._set_current = client.register_script(_SET_CURRENT)
+        self._invalidate = client.register_script(_INVALIDATE)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "atrium", socket_timeout: float = 0.5) -> RedisCache:
@@ -167,6 +321,33 @@ class RedisCache:
             return 0
         with _unavailable_on_error():
             return int(await self._client.delete(*(self._key(key) for key in keys)))
+
+    async def get_current(self, key: str) -> tuple[int, bytes | None]:
+        full = self._key(key)
+        with _unavailable_on_error():
+            generation, value = await self._get_current(keys=[_gen_key(full)], args=[_value_prefix(full)])
+        return int(generation), value
+
+    async def set_current(self, key: str, generation: int, value: bytes, ttl: float | None = None) -> bool:
+        _check_generation(generation)
+        ttl = _guarded_ttl(ttl)
+        full = self._key(key)
+        with _unavailable_on_error():
+            stored = await self._set_current(
+                keys=[_gen_key(full), _value_key(full, generation)],
+                args=[str(generation), value, _millis(ttl), _millis(GEN_TTL)],
+            )
+        return bool(stored)
+
+    async def invalidate(self, *keys: str) -> None:
+        unique = [self._key(key) for key in dict.fromkeys(keys)]
+        if not unique:
+            return
+        with _unavailable_on_error():
+            await self._invalidate(
+                keys=[_gen_key(full) for full in unique],
+                args=[_millis(GEN_TTL), *(_value_prefix(full) for full in unique)],
+            )
 
     async def ping(self) -> None:
         with _unavailable_on_error():

@@ -8,10 +8,11 @@ process for a transaction that rolled back.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -143,11 +144,15 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
-AfterCommit = Callable[[], None]
+AfterCommit = Callable[[], Awaitable[None] | None]
 
 
 def on_commit(session: AsyncSession, hook: AfterCommit) -> None:
-    """Run ``hook`` once, after this session's transaction commits (never on rollback)."""
+    """Run ``hook`` once, after this session's transaction commits (never on rollback).
+
+    An async hook is awaited before ``commit`` returns, so at the request edge it finishes
+    before the response is sent (cache invalidation relies on that).
+    """
     hooks: list[AfterCommit] = session.info.setdefault("after_commit", [])
     if hook not in hooks:
         hooks.append(hook)
@@ -157,7 +162,9 @@ async def commit(session: AsyncSession) -> None:
     """Commit, then run the after-commit hooks; the only commit in the code base."""
     await session.commit()
     for hook in session.info.pop("after_commit", []):
-        hook()
+        result = hook()
+        if inspect.isawaitable(result):
+            await result
 
 
 async def rollback(session: AsyncSession) -> None:

@@ -1,7 +1,8 @@
 """Prometheus metrics on ``/metrics`` through prometheus-fastapi-instrumentator.
 
-Each app gets its own registry (with the process and GC collectors added back), so several
-apps in one process — tests build many — never collide on metric names.
+Each container owns a registry (with the process and GC collectors added back), so several
+apps in one process — tests build many — never collide on metric names, and module metrics
+(cache hits, jobs) land on the same ``/metrics`` page as the HTTP ones.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_fastapi_instrumentator import Instrumentator
 
 
-def install_metrics(app: FastAPI) -> CollectorRegistry:
+def new_registry() -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
+    return registry
+
+
+def install_metrics(app: FastAPI, registry: CollectorRegistry) -> CollectorRegistry:
     instrumentator = Instrumentator(
         should_group_status_codes=False,
         should_ignore_untemplated=True,  # unknown paths would explode label cardinality

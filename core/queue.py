@@ -179,6 +179,7 @@ class JobRunner:
         bridge: LoopBridge,
         containers: Mapping[str, Any],
         tasks: list[Task],
+        queue_prefix: str = "",
     ) -> None:
         self.broker = broker
         self._sessions = sessions
@@ -186,6 +187,9 @@ class JobRunner:
         self.bridge = bridge
         self._containers = containers
         self.tasks = {t.name: t for t in tasks}
+        # One queue per module, prefixed so that several deployments (or test runs) can share
+        # one RabbitMQ vhost without consuming each other's messages.
+        self._queue_prefix = queue_prefix
         for t in tasks:
             self._declare(t)
 
@@ -200,15 +204,15 @@ class JobRunner:
             self.bridge.run(self.execute(t.name, message_id, request_id, payload))
 
         run_message.__name__ = t.name.replace(".", "_")
-        dramatiq.Actor(run_message, broker=self.broker, actor_name=t.name, queue_name=t.module,
+        dramatiq.Actor(run_message, broker=self.broker, actor_name=t.name, queue_name=self.queue_of(t.name),
                        priority=0, options=options)
 
     @property
     def queues(self) -> set[str]:
-        return {t.module for t in self.tasks.values()}
+        return {self._queue_prefix + t.module for t in self.tasks.values()}
 
     def queue_of(self, task_name: str) -> str:
-        return self.tasks[task_name].module
+        return self._queue_prefix + self.tasks[task_name].module
 
     async def execute(self, task_name: str, message_id: str, request_id: str, payload: Any) -> bool:
         """Run one message in one transaction; False when it had already been processed."""

@@ -23,8 +23,9 @@ class Repository(Generic[M]):
     def select(self) -> Select[tuple[M]]:
         return select(self.model)
 
-    async def get(self, session: AsyncSession, id_: uuid.UUID) -> M | None:
-        return await session.get(self.model, id_)
+    async def get(self, session: AsyncSession, id_: uuid.UUID, *, for_update: bool = False) -> M | None:
+        """The row by primary key; ``for_update`` locks it until the transaction ends."""
+        return await session.get(self.model, id_, with_for_update=for_update, populate_existing=for_update)
 
     async def one_or_none(self, session: AsyncSession, statement: Select[Any]) -> M | None:
         return (await session.execute(statement)).scalars().first()

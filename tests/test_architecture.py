@@ -185,7 +185,8 @@ def test_every_task_of_a_module_is_an_actor_on_the_broker(
     assert tasks <= set(broker_actors), sorted(tasks - set(broker_actors))
     for task_name in tasks:
         assert task_name.startswith(f"{name}."), task_name
-        assert broker_actors[task_name].queue_name == name
+        # one queue per module, behind the deployment's broker namespace
+        assert broker_actors[task_name].queue_name == f"{make_settings().broker_namespace}.{name}"
 
 
 def test_the_broker_has_no_actor_that_no_module_declares(

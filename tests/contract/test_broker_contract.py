@@ -259,7 +259,8 @@ async def harness(broker: dramatiq.Broker, jobs_database: str) -> AsyncIterator[
     bridge = LoopBridge()
     bridge.bind(asyncio.get_running_loop())
     probe = Probe()
-    runner = JobRunner(broker, sessions, Inbox(), bridge, containers={"contract": probe}, tasks=TASKS)
+    runner = JobRunner(broker, sessions, Inbox(), bridge, containers={"contract": probe}, tasks=TASKS,
+                       queue_prefix=f"t{uuid.uuid4().hex[:8]}.")  # runs sharing a server stay apart
     worker = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
     await asyncio.to_thread(worker.start)
     try:

@@ -13,7 +13,7 @@ from uuid import uuid4
 import pytest
 from pydantic import BaseModel
 
-from core.cache import Cache, CacheUnavailable, MemoryCache, RedisCache, TypedCache
+from core.cache import GEN_TTL, Cache, CacheUnavailable, MemoryCache, NullCache, RedisCache, TypedCache
 from tests.support.services import REDIS_URL, require
 
 Elapse = Callable[[float], Awaitable[None]]
@@ -200,6 +200,91 @@ class TestGetMany:
         assert await cache.get_many(["short", "long"]) == [None, b"l"]
 
 
+class TestGetCurrent:
+    async def test_a_new_key_is_generation_zero_and_a_miss(self, cache: Cache) -> None:
+        assert await cache.get_current("never-seen") == (0, None)
+
+    async def test_returns_the_value_stored_for_the_current_generation(self, cache: Cache) -> None:
+        assert await cache.set_current("k", 0, b"v") is True
+        assert await cache.get_current("k") == (0, b"v")
+
+    async def test_is_independent_of_plain_keys(self, cache: Cache) -> None:
+        await cache.set("k", b"plain")
+        assert await cache.get_current("k") == (0, None)
+        await cache.set_current("k", 0, b"guarded")
+        assert await cache.get("k") == b"plain"
+
+
+class TestSetCurrent:
+    async def test_overwrites_the_value_of_the_current_generation(self, cache: Cache) -> None:
+        await cache.set_current("k", 0, b"first")
+        assert await cache.set_current("k", 0, b"second") is True
+        assert await cache.get_current("k") == (0, b"second")
+
+    async def test_a_reader_cannot_store_a_value_loaded_before_a_write(self, cache: Cache) -> None:
+        await cache.set_current("k", 0, b"old")
+        await cache.invalidate("k")
+        generation, value = await cache.get_current("k")  # reader misses, loads from the DB...
+        assert (generation, value) == (1, None)
+        await cache.invalidate("k")  # ...while a writer commits and invalidates...
+        assert await cache.set_current("k", generation, b"stale") is False  # ...so this is refused
+        assert await cache.get_current("k") == (2, None)
+        assert await cache.set_current("k", 2, b"fresh") is True
+        assert await cache.get_current("k") == (2, b"fresh")
+
+    async def test_a_future_generation_is_refused(self, cache: Cache) -> None:
+        assert await cache.set_current("k", 1, b"v") is False
+        assert await cache.get_current("k") == (0, None)
+
+    async def test_value_expires_after_its_ttl(self, cache: Cache, elapse: Elapse) -> None:
+        await cache.invalidate("k")
+        assert await cache.set_current("k", 1, b"v", ttl=0.2) is True
+        assert await cache.get_current("k") == (1, b"v")
+        await elapse(0.4)
+        assert await cache.get_current("k") == (1, None)
+
+    async def test_without_ttl_the_value_outlives_short_ttls(self, cache: Cache, elapse: Elapse) -> None:
+        await cache.set_current("k", 0, b"v")
+        await elapse(0.4)
+        assert await cache.get_current("k") == (0, b"v")
+
+    @pytest.mark.parametrize("ttl", [0, -1.0])
+    async def test_a_non_positive_ttl_is_rejected(self, cache: Cache, ttl: float) -> None:
+        with pytest.raises(ValueError, match="ttl"):
+            await cache.set_current("k", 0, b"v", ttl=ttl)
+        assert await cache.get_current("k") == (0, None)
+
+    async def test_a_negative_generation_is_rejected(self, cache: Cache) -> None:
+        with pytest.raises(ValueError, match="generation"):
+            await cache.set_current("k", -1, b"v")
+
+
+class TestInvalidate:
+    async def test_bumps_the_generation_and_drops_the_old_value(self, cache: Cache) -> None:
+        await cache.set_current("k", 0, b"v")
+        await cache.invalidate("k")
+        assert await cache.get_current("k") == (1, None)
+        await cache.invalidate("k")
+        assert await cache.get_current("k") == (2, None)
+
+    async def test_a_never_seen_key_can_be_invalidated(self, cache: Cache) -> None:
+        await cache.invalidate("never-seen")
+        assert await cache.get_current("never-seen") == (1, None)
+
+    async def test_invalidates_several_keys_and_leaves_the_rest_alone(self, cache: Cache) -> None:
+        for key in ("a", "b", "c"):
+            await cache.set_current(key, 0, key.encode())
+        await cache.invalidate("a", "b", "a")
+        assert await cache.get_current("a") == (1, None)  # a key named twice is bumped once
+        assert await cache.get_current("b") == (1, None)
+        assert await cache.get_current("c") == (0, b"c")
+
+    async def test_invalidating_nothing_is_a_no_op(self, cache: Cache) -> None:
+        await cache.set_current("k", 0, b"v")
+        await cache.invalidate()
+        assert await cache.get_current("k") == (0, b"v")
+
+
 class TestPing:
     async def test_a_healthy_cache_answers(self, cache: Cache) -> None:
         assert await cache.ping() is None
@@ -273,9 +358,76 @@ class TestMemoryCache:
         buffer[0] = ord("z")
         assert await cache.get("k") == b"abc"
 
+    async def test_evicting_a_generation_counter_drops_its_value(self) -> None:
+        cache = MemoryCache(max_entries=2)
+        await cache.invalidate("a")
+        await cache.set_current("a", 1, b"a1")
+        await cache.invalidate("a")
+        await cache.invalidate("a")  # "a" is at generation 3 with no value...
+        await cache.set_current("a", 3, b"a3")
+        await cache.invalidate("b", "c")  # ...and its counter is evicted with its value
+        assert await cache.get_current("a") == (0, None)
+        assert await cache.get("a@3") is None
+        for _ in range(3):  # climbing back to generation 3 cannot reveal the old value
+            await cache.invalidate("a")
+        assert await cache.get_current("a") == (3, None)
+
+    async def test_generation_counters_are_not_entries(self) -> None:
+        cache = MemoryCache(max_entries=2)
+        await cache.invalidate("a", "b")
+        assert len(cache) == 0
+        await cache.set("x", b"1")
+        await cache.set("y", b"2")
+        assert await cache.get_current("a") == (1, None)
+        assert await cache.get_many(["x", "y"]) == [b"1", b"2"]
+
+    async def test_reading_a_generation_keeps_its_counter_alive(self) -> None:
+        cache = MemoryCache(max_entries=2)
+        await cache.invalidate("a", "b")
+        await cache.get_current("a")  # "b" is now the least recently used counter
+        await cache.invalidate("c")
+        assert await cache.get_current("a") == (1, None)
+        assert await cache.get_current("b") == (0, None)
+
+    async def test_a_guarded_value_lives_at_most_gen_ttl(self, clock: FakeClock) -> None:
+        cache = MemoryCache(clock=clock)
+        await cache.set_current("k", 0, b"v", ttl=GEN_TTL * 2)
+        clock.advance(GEN_TTL - 1)
+        assert await cache.get_current("k") == (0, b"v")
+        clock.advance(1)
+        assert await cache.get_current("k") == (0, None)
+
     def test_capacity_must_be_positive(self) -> None:
         with pytest.raises(ValueError, match="max_entries"):
             MemoryCache(max_entries=0)
+
+
+class TestNullCache:
+    async def test_every_read_misses_and_every_write_is_dropped(self) -> None:
+        cache = NullCache()
+        await cache.set("k", b"v", ttl=1)
+        assert await cache.get("k") is None
+        assert await cache.get_many(["k", "other"]) == [None, None]
+        assert await cache.add("k", b"v") is False
+        assert await cache.delete("k") == 0
+        assert await cache.get_current("k") == (0, None)
+        assert await cache.set_current("k", 0, b"v") is False
+        await cache.invalidate("k")
+        assert await cache.get_current("k") == (0, None)
+        assert await cache.ping() is None
+        await cache.aclose()
+
+    async def test_invalid_arguments_are_still_rejected(self) -> None:
+        cache = NullCache()
+        with pytest.raises(ValueError, match="ttl"):
+            await cache.set("k", b"v", ttl=0)
+        with pytest.raises(ValueError, match="ttl"):
+            await cache.set_current("k", 0, b"v", ttl=-1)
+
+    async def test_typed_cache_over_it_always_misses(self) -> None:
+        profiles = TypedCache[Profile](NullCache(), Profile, prefix="profile", ttl=None)
+        await profiles.set("1", Profile(id=1, name="Ada"))
+        assert await profiles.get("1") is None
 
 
 class TestRedisCache:
@@ -300,6 +452,49 @@ class TestRedisCache:
         finally:
             await _purge(other)
 
+    async def test_generations_and_values_are_stored_under_the_namespace(
+        self, redis_cache: RedisCache
+    ) -> None:
+        ns = redis_cache.namespace
+        await redis_cache.invalidate("k")
+        await redis_cache.set_current("k", 1, b"v", ttl=30.5)
+        assert await redis_cache.client.get(f"{ns}:k#gen") == b"1"
+        assert await redis_cache.client.get(f"{ns}:k@1") == b"v"
+        assert 30_000 < await redis_cache.client.pttl(f"{ns}:k@1") <= 30_500
+
+    async def test_a_generation_counter_expires_after_gen_ttl(self, redis_cache: RedisCache) -> None:
+        gen_key = f"{redis_cache.namespace}:k#gen"
+        await redis_cache.invalidate("k")
+        assert GEN_TTL * 1000 - 5_000 < await redis_cache.client.pttl(gen_key) <= GEN_TTL * 1000
+        await redis_cache.client.pexpire(gen_key, 60_000)
+        await redis_cache.invalidate("k")  # every bump refreshes the expiry
+        assert await redis_cache.client.pttl(gen_key) > 60_000
+
+    async def test_storing_a_value_keeps_its_generation_counter_alive(self, redis_cache: RedisCache) -> None:
+        gen_key = f"{redis_cache.namespace}:k#gen"
+        await redis_cache.invalidate("k")
+        await redis_cache.client.pexpire(gen_key, 60_000)
+        await redis_cache.set_current("k", 1, b"v", ttl=GEN_TTL * 2)
+        # Read the counter first: then "expires no earlier than the value" means a PTTL no smaller.
+        gen_pttl = await redis_cache.client.pttl(gen_key)
+        value_pttl = await redis_cache.client.pttl(f"{redis_cache.namespace}:k@1")
+        assert 0 < value_pttl <= GEN_TTL * 1000  # capped...
+        assert gen_pttl >= value_pttl  # ...and outlived by its refreshed counter
+
+    async def test_another_process_sees_an_invalidate(self, redis_cache: RedisCache) -> None:
+        other = RedisCache.from_url(REDIS_URL, namespace=redis_cache.namespace)
+        try:
+            generation, _ = await other.get_current("k")
+            assert await other.set_current("k", generation, b"v") is True
+            assert await redis_cache.get_current("k") == (0, b"v")
+            stale_generation, _ = await redis_cache.get_current("k")
+            await other.invalidate("k")
+            assert await redis_cache.get_current("k") == (1, None)
+            assert await redis_cache.set_current("k", stale_generation, b"stale") is False
+            assert await other.get_current("k") == (1, None)
+        finally:
+            await other.aclose()
+
     @pytest.mark.parametrize(
         "operation",
         [
@@ -308,9 +503,12 @@ class TestRedisCache:
             lambda c: c.set("k", b"v", ttl=1),
             lambda c: c.add("k", b"v"),
             lambda c: c.delete("k"),
+            lambda c: c.get_current("k"),
+            lambda c: c.set_current("k", 0, b"v", ttl=1),
+            lambda c: c.invalidate("a", "b"),
             lambda c: c.ping(),
         ],
-        ids=["get", "get_many", "set", "add", "delete", "ping"],
+        ids=["get", "get_many", "set", "add", "delete", "get_current", "set_current", "invalidate", "ping"],
     )
     async def test_an_unreachable_server_raises_cache_unavailable_quickly(
         self, operation: Callable[[RedisCache], Awaitable[object]]

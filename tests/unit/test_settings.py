@@ -63,7 +63,7 @@ def test_development_is_the_default_profile() -> None:
     assert settings.auto_migrate is True
     assert settings.run_worker_in_process is True
     assert settings.secret_key == DEV_SECRET
-    assert settings.modules == ("users",)
+    assert settings.modules == ("users", "items")
 
 
 def test_test_profile_keeps_mail_in_memory_and_hashes_cheaply(monkeypatch: pytest.MonkeyPatch) -> None:

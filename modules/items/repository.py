@@ -1,0 +1,48 @@
+"""Statements over the items table."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection
+
+from sqlalchemy import Select, select
+
+from core.repository import Repository
+from modules.items.models import ItemRow
+
+_t = ItemRow.__table__.c
+
+
+class ItemRepository(Repository[ItemRow]):
+    model = ItemRow
+
+    def page(
+        self,
+        *,
+        after: uuid.UUID | None,
+        limit: int,
+        name_prefix: str | None = None,
+        min_price: int | None = None,
+        max_price: int | None = None,
+        currency: str | None = None,
+    ) -> Select[tuple[ItemRow]]:
+        """One keyset page in id order (UUIDv7: creation order); ``limit + 1`` rows tell if more exist."""
+        stmt = self.select()
+        if after is not None:
+            stmt = stmt.where(ItemRow.id > after)
+        if name_prefix:
+            escaped = name_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            stmt = stmt.where(ItemRow.name_key.like(f"{escaped}%", escape="\\"))
+        if min_price is not None:
+            stmt = stmt.where(ItemRow.price >= min_price)
+        if max_price is not None:
+            stmt = stmt.where(ItemRow.price <= max_price)
+        if currency is not None:
+            stmt = stmt.where(ItemRow.currency == currency)
+        return stmt.order_by(ItemRow.id).limit(limit + 1)
+
+    def prices(self, ids: Collection[uuid.UUID]) -> Select[tuple[uuid.UUID, str, int, str]]:
+        return select(_t.id, _t.name, _t.price, _t.currency).where(_t.id.in_(list(ids)))
+
+    def read(self, item_id: uuid.UUID) -> Select[tuple[ItemRow]]:
+        return self.select().where(ItemRow.id == item_id)

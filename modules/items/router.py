@@ -1,0 +1,97 @@
+"""Items HTTP API: a public catalog, written by admins."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+
+from core.di import Provided
+from core.errors import Unprocessable
+from core.web import AdminPrincipal, DbSession, TransactionalRoute
+from modules.items.schemas import Currency, ItemCreate, ItemPage, ItemRead, ItemUpdate
+from modules.items.service import ItemFilters, ItemService
+
+router = APIRouter(prefix="/items", tags=["items"], route_class=TransactionalRoute)
+Service = Annotated[ItemService, Provided("items.service")]
+
+_ADMIN = {401: {"description": "not authenticated"}, 403: {"description": "not an admin"}}
+_JSON = "application/json"
+
+
+def etag_of(body: bytes) -> str:
+    return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+
+
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    candidates = {c.strip().removeprefix("W/") for c in if_none_match.split(",")}
+    return "*" in candidates or etag in candidates
+
+
+@router.post("", status_code=201, response_model=ItemRead, responses=_ADMIN)
+async def create_item(
+    body: ItemCreate, _: AdminPrincipal, session: DbSession, service: Service, response: Response
+) -> ItemRead:
+    """Add an item (admins only). Prices are integer minor units."""
+    item = await service.create(session, body)
+    response.headers["Location"] = f"{router.prefix}/{item.id}"
+    return ItemRead.model_validate(item)
+
+
+@router.get("", response_model=ItemPage, responses={400: {"description": "invalid_cursor"}})
+async def list_items(
+    session: DbSession,
+    service: Service,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    q: Annotated[str | None, Query(min_length=1, max_length=200, description="name prefix")] = None,
+    min_price: Annotated[int | None, Query(ge=0)] = None,
+    max_price: Annotated[int | None, Query(ge=0)] = None,
+    currency: Annotated[Currency | None, Query()] = None,
+) -> ItemPage:
+    """Items in creation order, keyset-paginated; filters: name prefix, price range, currency."""
+    if min_price is not None and max_price is not None and min_price > max_price:
+        raise Unprocessable(
+            "min_price must not exceed max_price.", details={"min_price": min_price, "max_price": max_price}
+        )
+    filters = ItemFilters(q=q, min_price=min_price, max_price=max_price, currency=currency)
+    items, next_cursor = await service.list(session, filters, limit, cursor)
+    return ItemPage(items=[ItemRead.model_validate(i) for i in items], next_cursor=next_cursor)
+
+
+@router.get(
+    "/{item_id}",
+    response_model=ItemRead,
+    responses={304: {"description": "not modified"}, 404: {"description": "not found"}},
+)
+async def read_item(
+    item_id: uuid.UUID, service: Service, if_none_match: Annotated[str | None, Header()] = None
+) -> Response:
+    """One item, served from the cache when warm; supports ``If-None-Match`` (304)."""
+    body = await service.read_json(item_id)
+    etag = etag_of(body)
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if _matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type=_JSON, headers=headers)
+
+
+@router.patch("/{item_id}", response_model=ItemRead, responses={**_ADMIN, 404: {"description": "not found"}})
+async def update_item(
+    item_id: uuid.UUID, body: ItemUpdate, _: AdminPrincipal, session: DbSession, service: Service
+) -> ItemRead:
+    """Change some fields of an item (admins only); the cached copy is invalidated on commit."""
+    return ItemRead.model_validate(await service.update(session, item_id, body))
+
+
+@router.delete("/{item_id}", status_code=204, responses={**_ADMIN, 404: {"description": "not found"}})
+async def delete_item(
+    item_id: uuid.UUID, _: AdminPrincipal, session: DbSession, service: Service
+) -> Response:
+    """Remove an item (admins only)."""
+    await service.delete(session, item_id)
+    return Response(status_code=204)

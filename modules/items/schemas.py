@@ -1,0 +1,70 @@
+"""HTTP models of the items API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from modules.items.domain import DESCRIPTION_MAX, NAME_MAX, PRICE_MAX, is_currency
+
+
+def _currency(code: str) -> str:
+    code = code.upper()
+    if not is_currency(code):
+        raise ValueError("must be an active ISO 4217 currency code, e.g. EUR")
+    return code
+
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=NAME_MAX)]
+Description = Annotated[str, StringConstraints(strip_whitespace=True, max_length=DESCRIPTION_MAX)]
+Price = Annotated[int, Field(ge=0, le=PRICE_MAX, strict=True, description="integer minor units, e.g. cents")]
+Currency = Annotated[str, StringConstraints(min_length=3, max_length=3), AfterValidator(_currency)]
+
+
+class ItemCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name
+    description: Description = ""
+    price: Price
+    currency: Currency
+
+
+class ItemUpdate(BaseModel):
+    """Partial update: only the fields sent change; none of them may be null."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Name | None = None
+    description: Description | None = None
+    price: Price | None = None
+    currency: Currency | None = None
+
+    @model_validator(mode="after")
+    def _not_empty_nor_null(self) -> ItemUpdate:
+        if not self.model_fields_set:
+            raise ValueError("send at least one of name, description, price, currency")
+        nulls = [name for name in self.model_fields_set if getattr(self, name) is None]
+        if nulls:
+            raise ValueError(f"{', '.join(sorted(nulls))} cannot be null")
+        return self
+
+
+class ItemRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    description: str
+    price: int
+    currency: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class ItemPage(BaseModel):
+    items: list[ItemRead]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
