@@ -122,6 +122,9 @@ def run_worker(settings: Settings, threads: int | None = None) -> None:
     """Run the enabled modules' jobs and the outbox relay until SIGINT/SIGTERM."""
     import dramatiq
 
+    stop = threading.Event()  # handlers first: a SIGTERM during start-up still stops cleanly
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     configure_logging(settings.log_level, settings.log_json)
     container = build_container(settings)
     bridge = container.bridge()
@@ -136,9 +139,6 @@ def run_worker(settings: Settings, threads: int | None = None) -> None:
     worker = dramatiq.Worker(broker, worker_threads=threads or settings.worker_threads)
     worker.start()
     logger.info("worker started: tasks={}", ",".join(sorted(jobs.tasks)))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     logger.info("worker stopping: finishing jobs in progress")
     worker.stop(timeout=30_000)

@@ -103,6 +103,10 @@ def create_engine(
     return create_async_engine(
         url,
         echo=echo,
+        # asyncpg prepares every statement; after five runs PostgreSQL may switch to a generic
+        # plan that ignores the actual filter values (a rare name prefix then walks the primary
+        # key). Custom plans cost a little planning per query and keep the indexes in use.
+        connect_args={"server_settings": {"plan_cache_mode": "force_custom_plan"}},
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=pool_timeout,

@@ -191,8 +191,12 @@ def is_currency(code: str) -> bool:
 
 
 def name_key(name: str) -> str:
-    """The form names are searched in: case-folded, inner whitespace collapsed."""
-    return " ".join(name.split()).casefold()
+    """The form names are searched in: case-folded, inner whitespace collapsed.
+
+    Case folding can lengthen a name ("ß" -> "ss"); the key is cut to ``NAME_MAX`` and so is every
+    searched prefix, so prefix matching stays consistent.
+    """
+    return " ".join(name.split()).casefold()[:NAME_MAX]
 
 
 class ItemNotFound(NotFound):

@@ -6,7 +6,7 @@ import hashlib
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 
 from core.di import Provided
 from core.errors import Unprocessable
@@ -34,11 +34,16 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
 
 @router.post("", status_code=201, response_model=ItemRead, responses=_ADMIN)
 async def create_item(
-    body: ItemCreate, _: AdminPrincipal, session: DbSession, service: Service, response: Response
+    body: ItemCreate,
+    _: AdminPrincipal,
+    session: DbSession,
+    service: Service,
+    request: Request,
+    response: Response,
 ) -> ItemRead:
     """Add an item (admins only). Prices are integer minor units."""
     item = await service.create(session, body)
-    response.headers["Location"] = f"{router.prefix}/{item.id}"
+    response.headers["Location"] = str(request.url_for("read_item", item_id=item.id))
     return ItemRead.model_validate(item)
 
 

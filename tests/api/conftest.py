@@ -112,7 +112,7 @@ async def stack(
     with SmtpServer() as smtp:
         values: dict[str, Any] = {
             "env": "production",
-            "modules": ("users",),
+            "modules": ("users", "items"),
             "secret_key": TEST_SECRET,
             "database_url": await migrated(await pg_database_factory()),
             "cache_backend": "redis",
