@@ -68,12 +68,16 @@ def configure_logging(level: str = "INFO", json: bool = False, enqueue: bool = T
     else:
         logger.add(sys.stderr, level=level, format=_DEV_FORMAT, enqueue=enqueue, backtrace=False,
                    diagnose=False, colorize=None)
-    logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)
+    # The stdlib levels must match ours: a root level of 0 would make uvicorn believe TRACE is
+    # on and wrap every connection in its message logger (a tenth of the request cost).
+    std_level = logging.getLevelName(level) if isinstance(logging.getLevelName(level), int) else logging.INFO
+    logging.basicConfig(handlers=[_InterceptHandler()], level=std_level, force=True)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "sqlalchemy", "dramatiq", "alembic",
                  "pika", "asyncio"):
         std = logging.getLogger(name)
         std.handlers = [_InterceptHandler()]
         std.propagate = False
+        std.setLevel(std_level)
     # Our middleware writes the access log; uvicorn's would duplicate it.
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("sqlalchemy.engine").setLevel(logging.WARNING)

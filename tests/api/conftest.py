@@ -75,6 +75,16 @@ def _start_worker(values: dict[str, Any], log_path: Path) -> subprocess.Popen[by
     )
 
 
+async def _wait_until_started(process: subprocess.Popen[bytes], log_path: Path) -> None:
+    for _ in range(600):
+        if "worker started" in log_path.read_text(errors="replace"):
+            return
+        if process.poll() is not None:
+            break
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"atrium worker did not start:\n{log_path.read_text()[-3000:]}")
+
+
 def _stop_worker(process: subprocess.Popen[bytes]) -> int:
     process.send_signal(signal.SIGTERM)
     try:
@@ -132,6 +142,7 @@ async def stack(
         settings = Settings(**{**values, "log_level": "WARNING"})
         log_path = tmp / "worker.log"
         worker = _start_worker(values, log_path)
+        await _wait_until_started(worker, log_path)
         app = create_app(settings)
 
         def count_prod(to: str) -> int:
