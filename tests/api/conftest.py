@@ -75,14 +75,22 @@ def _start_worker(values: dict[str, Any], log_path: Path) -> subprocess.Popen[by
     )
 
 
+def _log_tail(log_path: Path) -> str:
+    return log_path.read_text(errors="replace")[-3000:]
+
+
+def _has_started(log_path: Path) -> bool:
+    return "worker started" in log_path.read_text(errors="replace")
+
+
 async def _wait_until_started(process: subprocess.Popen[bytes], log_path: Path) -> None:
     for _ in range(600):
-        if "worker started" in log_path.read_text(errors="replace"):
+        if _has_started(log_path):
             return
         if process.poll() is not None:
             break
         await asyncio.sleep(0.05)
-    raise AssertionError(f"atrium worker did not start:\n{log_path.read_text()[-3000:]}")
+    raise AssertionError(f"atrium worker did not start:\n{_log_tail(log_path)}")
 
 
 def _stop_worker(process: subprocess.Popen[bytes]) -> int:
