@@ -80,5 +80,7 @@ def configure_logging(level: str = "INFO", json: bool = False, enqueue: bool = T
         std.setLevel(std_level)
     # Our middleware writes the access log; uvicorn's would duplicate it.
     logging.getLogger("uvicorn.access").disabled = True
-    logging.getLogger("sqlalchemy.engine").setLevel(logging.WARNING)
+    # SQLAlchemy turns on its (very chatty) mapper and pool logging when INFO is enabled; SQL
+    # echo has its own switch (ATRIUM_DATABASE_ECHO).
+    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
     logging.getLogger("pika").setLevel(logging.WARNING)
