@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection
+from typing import Any
 
 from sqlalchemy import Select, select
 
@@ -44,5 +45,8 @@ class ItemRepository(Repository[ItemRow]):
     def prices(self, ids: Collection[uuid.UUID]) -> Select[tuple[uuid.UUID, str, int, str]]:
         return select(_t.id, _t.name, _t.price, _t.currency).where(_t.id.in_(list(ids)))
 
-    def read(self, item_id: uuid.UUID) -> Select[tuple[ItemRow]]:
-        return self.select().where(ItemRow.id == item_id)
+    def read(self, item_id: uuid.UUID) -> Select[Any]:
+        """The public columns of one item as a Core statement: the hot read loads no ORM entity."""
+        return select(
+            _t.id, _t.name, _t.description, _t.price, _t.currency, _t.created_at, _t.updated_at
+        ).where(_t.id == item_id)

@@ -93,8 +93,8 @@ class ItemService:
 
     async def _load_json(self, item_id: uuid.UUID) -> bytes | None:
         async with self._sessions() as session:
-            row = await self._items.one_or_none(session, self._items.read(item_id))
-            return None if row is None else ItemRead.model_validate(row).model_dump_json().encode()
+            row = (await session.execute(self._items.read(item_id))).first()
+        return None if row is None else ItemRead.model_validate(row._mapping).model_dump_json().encode()
 
     async def list(
         self, session: AsyncSession, filters: ItemFilters, limit: int, cursor: str | None
