@@ -176,6 +176,16 @@ async def rollback(session: AsyncSession) -> None:
     await session.rollback()
 
 
+def insert_or_ignore(session: AsyncSession, model: type[Base]) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING`` for the session's dialect (PostgreSQL or SQLite)."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    builder: Any = pg_insert if dialect == "postgresql" else sqlite_insert
+    return builder(model).on_conflict_do_nothing()
+
+
 class UnitOfWork:
     """One transaction for a job: ``async with uow as session: ...`` commits on success."""
 

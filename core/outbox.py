@@ -19,13 +19,11 @@ from typing import Any
 from dramatiq import Message
 from loguru import logger
 from sqlalchemy import JSON, Index, String, Text, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapped, mapped_column
 
 from core.context import request_id_var
-from core.db import Base, new_id, on_commit, utcnow
+from core.db import Base, insert_or_ignore, new_id, on_commit, utcnow
 from core.events import IntegrationEvent
 from core.queue import dump_payload
 
@@ -81,12 +79,8 @@ class Inbox:
     """Claims (message, consumer) pairs; a second claim of the same pair is refused."""
 
     async def claim(self, session: AsyncSession, message_id: str, consumer: str) -> bool:
-        dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-        builder: Any = pg_insert if dialect == "postgresql" else sqlite_insert
-        stmt = (
-            builder(InboxMessage)
-            .values(message_id=message_id, consumer=consumer, processed_at=utcnow())
-            .on_conflict_do_nothing()
+        stmt = insert_or_ignore(session, InboxMessage).values(
+            message_id=message_id, consumer=consumer, processed_at=utcnow()
         )
         result = await session.execute(stmt)
         return bool(result.rowcount)

@@ -14,6 +14,7 @@ from core.module import load_modules
 config = context.config
 settings = config.attributes.get("settings") or load_settings()
 
+import core.idempotency  # noqa: E402  - the idempotency keys
 import core.outbox  # noqa: E402,F401  - the outbox and inbox tables
 
 load_modules(settings.modules)  # importing each module registers its tables on Base.metadata

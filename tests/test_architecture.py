@@ -22,6 +22,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Table, inspect
 from sqlalchemy.ext.asyncio import create_async_engine
 
+import core.idempotency
 import core.outbox
 import main
 from containers import build_container
@@ -32,7 +33,11 @@ from tests.conftest import make_settings
 
 REPO = Path(__file__).resolve().parent.parent
 ENABLED = make_settings().modules
-CORE_TABLES = {core.outbox.OutboxMessage.__tablename__, core.outbox.InboxMessage.__tablename__}
+CORE_TABLES = {
+    core.outbox.OutboxMessage.__tablename__,
+    core.outbox.InboxMessage.__tablename__,
+    core.idempotency.IdempotencyKey.__tablename__,
+}
 
 
 def module_packages() -> list[str]:

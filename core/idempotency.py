@@ -1,0 +1,160 @@
+"""Idempotency keys: a retried POST takes effect once and gets the first answer again.
+
+The key is claimed in its own short committed transaction, so a concurrent duplicate sees the
+claim at once (and waits, instead of running the use case a second time). The response is stored
+in the use case's own transaction, so it becomes visible exactly when the effect commits: a crash
+in between leaves no effect and an in-flight row, which ``release`` (or expiry) clears for a retry.
+The same key with another request body is a client bug, refused rather than silently replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import JSON, String, delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Mapped, mapped_column
+
+from core.db import Base, UnitOfWork, insert_or_ignore, utcnow
+from core.errors import Conflict, Unprocessable
+
+IN_FLIGHT, COMPLETED = "in_flight", "completed"
+
+
+class IdempotencyKey(Base):
+    __tablename__ = "idempotency_keys"
+
+    scope: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    response_status: Mapped[int | None] = mapped_column(default=None)
+    response_body: Mapped[Any] = mapped_column(JSON, nullable=True, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+def fingerprint(method: str, path: str, body: bytes) -> str:
+    """What makes two requests "the same": method, path and body (JSON compared by meaning)."""
+    try:
+        canonical = b"json:" + json.dumps(json.loads(body), sort_keys=True, separators=(",", ":"),
+                                          ensure_ascii=False).encode()
+    except ValueError:  # not JSON (or not UTF-8): the bytes themselves
+        canonical = b"raw:" + body
+    digest = hashlib.sha256()
+    for part in (method.upper().encode(), path.encode(), canonical):
+        digest.update(len(part).to_bytes(8, "big") + part)  # length-prefixed: no ambiguous joins
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    status: int
+    body: Any
+
+
+class IdempotencyKeyReused(Unprocessable):
+    code = "idempotency_key_reused"
+
+
+class IdempotencyRequestInProgress(Conflict):
+    code = "idempotency_request_in_progress"
+
+
+class IdempotencyClaimLost(Conflict):
+    """``complete`` found no in-flight claim (released, or expired and taken over): roll back."""
+
+    code = "idempotency_claim_lost"
+
+
+class IdempotencyStore:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        ttl_seconds: float = 86400,
+        wait_seconds: float = 5.0,
+        poll_interval: float = 0.05,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._sessions = sessions
+        self._ttl = timedelta(seconds=ttl_seconds)
+        self._wait = wait_seconds
+        self._poll = poll_interval
+        self._clock = clock
+
+    async def claim(self, scope: str, key: str, fingerprint: str) -> StoredResponse | None:
+        """None: the caller owns the key. A response: replay it. Raises on reuse or a long wait."""
+        deadline = time.monotonic() + self._wait
+        while True:
+            async with UnitOfWork(self._sessions) as session:
+                if await self._claim_once(session, scope, key, fingerprint):
+                    return None
+                row = (await session.execute(
+                    select(IdempotencyKey.fingerprint, IdempotencyKey.state,
+                           IdempotencyKey.response_status, IdempotencyKey.response_body)
+                    .where(IdempotencyKey.scope == scope, IdempotencyKey.key == key)
+                )).one_or_none()
+            if row is None:  # released (or purged) in between: claim again
+                continue
+            if row.fingerprint != fingerprint:
+                raise IdempotencyKeyReused("this Idempotency-Key was used with another request",
+                                           details={"scope": scope})
+            if row.state == COMPLETED:
+                return StoredResponse(status=int(row.response_status), body=row.response_body)
+            if time.monotonic() >= deadline:
+                raise IdempotencyRequestInProgress("a request with this Idempotency-Key is still running",
+                                                   details={"scope": scope})
+            await asyncio.sleep(self._poll)
+
+    async def _claim_once(self, session: AsyncSession, scope: str, key: str, fingerprint: str) -> bool:
+        """Insert the claim, or take over an expired row; True when this caller now owns the key."""
+        now = self._clock()
+        values = {"fingerprint": fingerprint, "state": IN_FLIGHT, "response_status": None,
+                  "response_body": None, "created_at": now, "expires_at": now + self._ttl}
+        inserted = await session.execute(
+            insert_or_ignore(session, IdempotencyKey).values(scope=scope, key=key, **values)
+        )
+        if inserted.rowcount:
+            return True
+        # An expired row counts as absent. The condition is re-checked under the row lock, so of
+        # two callers taking over the same expired row only one succeeds.
+        taken = await session.execute(
+            update(IdempotencyKey)
+            .where(IdempotencyKey.scope == scope, IdempotencyKey.key == key, IdempotencyKey.expires_at < now)
+            .values(**values)
+        )
+        return bool(taken.rowcount)
+
+    async def complete(self, session: AsyncSession, scope: str, key: str, response: StoredResponse) -> None:
+        """Store the response in the caller's transaction; visible when (and only if) it commits."""
+        result = await session.execute(
+            update(IdempotencyKey)
+            .where(IdempotencyKey.scope == scope, IdempotencyKey.key == key,
+                   IdempotencyKey.state == IN_FLIGHT)
+            .values(state=COMPLETED, response_status=response.status, response_body=response.body)
+        )
+        if not result.rowcount:
+            raise IdempotencyClaimLost("the Idempotency-Key is no longer claimed; retry the request",
+                                       details={"scope": scope})
+
+    async def release(self, scope: str, key: str) -> None:
+        """Forget an in-flight claim after a failed use case, so the client may retry."""
+        async with UnitOfWork(self._sessions) as session:
+            await session.execute(
+                delete(IdempotencyKey).where(IdempotencyKey.scope == scope, IdempotencyKey.key == key,
+                                             IdempotencyKey.state == IN_FLIGHT)
+            )
+
+    async def purge_expired(self) -> int:
+        async with UnitOfWork(self._sessions) as session:
+            result = await session.execute(
+                delete(IdempotencyKey).where(IdempotencyKey.expires_at < self._clock())
+            )
+            return int(result.rowcount or 0)
