@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Table, inspect
+from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import core.idempotency
@@ -30,6 +30,7 @@ from core.db import Base
 from core.logging import configure_logging
 from core.module import Module, import_module, load_modules
 from tests.conftest import make_settings
+from tests.support.db import table_names
 
 REPO = Path(__file__).resolve().parent.parent
 ENABLED = make_settings().modules
@@ -214,12 +215,7 @@ def test_the_users_welcome_email_is_an_actor(broker_actors: dict[str, Any]) -> N
 
 @pytest.fixture(scope="module")
 async def migrated_tables(sqlite_url: str) -> set[str]:
-    engine = create_async_engine(sqlite_url)
-    try:
-        async with engine.connect() as connection:
-            return set(await connection.run_sync(lambda c: inspect(c).get_table_names()))
-    finally:
-        await engine.dispose()
+    return await table_names(sqlite_url)
 
 
 @pytest.mark.parametrize("name", ENABLED)

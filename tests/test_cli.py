@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from core.security import PasswordHasher
 from migrations import downgrade
 from tests.conftest import TEST_SECRET, make_settings
+from tests.support.db import table_names
 
 pytestmark = pytest.mark.slow
 
@@ -44,15 +43,6 @@ def run_cli(*args: str, database_url: str, **env: str) -> subprocess.CompletedPr
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
-
-
-async def table_names(url: str) -> set[str]:
-    engine = create_async_engine(url)
-    try:
-        async with engine.connect() as connection:
-            return set(await connection.run_sync(lambda c: inspect(c).get_table_names()))
-    finally:
-        await engine.dispose()
 
 
 def sqlite_file_url(path: Path) -> str:
