@@ -16,7 +16,8 @@ from dependency_injector import containers, providers
 from dramatiq import Broker
 
 from config import Settings
-from core import cache, db, email, metrics, queue, security
+from core import cache, db, email, metrics, payments, queue, security
+from core.idempotency import IdempotencyStore
 from core.module import Module, ModuleError, load_modules
 from core.outbox import Inbox, Outbox, OutboxRelay
 from core.pagination import CursorCodec
@@ -35,6 +36,19 @@ async def _closing_cache(adapter: cache.Cache) -> AsyncIterator[cache.Cache]:
         yield adapter
     finally:
         await adapter.aclose()
+
+
+def _http_gateway(**options: Any) -> payments.PaymentGateway:
+    from core.payments_http import HttpPaymentGateway  # httpx is only needed when chosen
+
+    return HttpPaymentGateway(**options)
+
+
+async def _closing_gateway(gateway: payments.PaymentGateway) -> AsyncIterator[payments.PaymentGateway]:
+    try:
+        yield gateway
+    finally:
+        await gateway.aclose()
 
 
 async def _closing_broker(broker: Broker) -> AsyncIterator[Broker]:
@@ -87,8 +101,11 @@ class Core(containers.DeclarativeContainer):
         settings.provided.broker_backend,
         stub=providers.Singleton(lambda retry: queue.stub_broker(**retry), _retry),
         redis=providers.Singleton(
-            lambda url, ns, retry: queue.redis_broker(url, ns, **retry),
-            settings.provided.broker_url, settings.provided.broker_namespace, _retry,
+            lambda url, ns, s, retry: queue.redis_broker(
+                url, ns, heartbeat_timeout=s.broker_heartbeat_timeout_ms,
+                maintenance_chance=s.broker_maintenance_chance, **retry,
+            ),
+            settings.provided.broker_url, settings.provided.broker_namespace, settings, _retry,
         ),
         rabbitmq=providers.Singleton(
             lambda url, retry: queue.rabbitmq_broker(url, **retry), settings.provided.broker_url, _retry
@@ -114,6 +131,21 @@ class Core(containers.DeclarativeContainer):
         ),
     )
 
+    payment_gateway = providers.Selector(
+        settings.provided.payments_backend,
+        fake=providers.Singleton(payments.FakePaymentGateway, settings.provided.payments_webhook_secret),
+        http=providers.Singleton(
+            _http_gateway,
+            base_url=settings.provided.payments_url,
+            api_key=settings.provided.payments_api_key,
+            webhook_secret=settings.provided.payments_webhook_secret,
+            timeout=settings.provided.payments_timeout,
+            connect_timeout=settings.provided.payments_connect_timeout,
+            max_attempts=settings.provided.payments_max_attempts,
+        ),
+    )
+    payments_lifecycle = providers.Resource(_closing_gateway, payment_gateway)
+
     password_hasher = providers.Singleton(
         security.PasswordHasher,
         time_cost=settings.provided.password_time_cost,
@@ -127,6 +159,13 @@ class Core(containers.DeclarativeContainer):
     )
 
     metrics_registry = providers.Singleton(metrics.new_registry)
+    idempotency = providers.Singleton(
+        IdempotencyStore,
+        sessions,
+        ttl_seconds=settings.provided.idempotency_ttl_seconds,
+        lease_seconds=settings.provided.idempotency_lease_seconds,
+        wait_seconds=settings.provided.idempotency_wait_seconds,
+    )
     cursors = providers.Singleton(CursorCodec, settings.provided.secret_key)
 
     bridge = providers.Singleton(queue.LoopBridge)

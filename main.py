@@ -131,18 +131,29 @@ def run_worker(settings: Settings, threads: int | None = None) -> None:
     bridge.start_thread()
     bridge.run(_init_resources(container))
     jobs, relay, broker = container.jobs(), container.relay(), container.broker()
+    housekeeping: list[asyncio.Task[None]] = []
 
-    async def start_relay() -> None:
+    async def start_background() -> None:
         relay.start()
+        housekeeping.append(asyncio.create_task(
+            container.idempotency().purge_forever(settings.idempotency_purge_interval),
+            name="idempotency-purge",
+        ))
 
-    bridge.run(start_relay())
+    async def stop_background() -> None:
+        for t in housekeeping:
+            t.cancel()
+        await asyncio.gather(*housekeeping, return_exceptions=True)
+        await relay.stop()
+
+    bridge.run(start_background())
     worker = dramatiq.Worker(broker, worker_threads=threads or settings.worker_threads)
     worker.start()
     logger.info("worker started: tasks={}", ",".join(sorted(jobs.tasks)))
     stop.wait()
     logger.info("worker stopping: finishing jobs in progress")
     worker.stop(timeout=30_000)
-    bridge.run(relay.stop())
+    bridge.run(stop_background())
     bridge.run(_shutdown_resources(container))
     bridge.stop_thread()
     logger.info("worker stopped")

@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 
 
 DEV_SECRET = "dev-secret-change-me-dev-secret-change-me"
+DEV_WEBHOOK_SECRET = "dev-webhook-secret-change-me"
 
 # Values a profile gives to fields the environment did not set. Production gives none of the
 # server URLs: they must come from the deploy.
@@ -39,6 +40,8 @@ PROFILES: dict[Environment, dict[str, Any]] = {
         "run_worker_in_process": True,
         "log_json": False,
         "secret_key": DEV_SECRET,
+        "payments_backend": "fake",
+        "payments_webhook_secret": DEV_WEBHOOK_SECRET,
     },
     Environment.TEST: {
         "database_url": "sqlite+aiosqlite:///./var/atrium-test.db",
@@ -52,11 +55,14 @@ PROFILES: dict[Environment, dict[str, Any]] = {
         "secret_key": DEV_SECRET,
         "password_time_cost": 1,
         "password_memory_cost": 1024,
+        "payments_backend": "fake",
+        "payments_webhook_secret": DEV_WEBHOOK_SECRET,
     },
     Environment.PRODUCTION: {
         "cache_backend": "redis",
         "broker_backend": "redis",
         "email_backend": "smtp",
+        "payments_backend": "http",
         "auto_migrate": False,
         "log_json": True,
     },
@@ -69,7 +75,7 @@ class Settings(BaseSettings):
     )
 
     env: Environment = Environment.DEVELOPMENT
-    modules: Annotated[tuple[str, ...], NoDecode] = ("users", "items")
+    modules: Annotated[tuple[str, ...], NoDecode] = ("users", "items", "billing")
 
     # HTTP
     host: str = "127.0.0.1"
@@ -101,6 +107,11 @@ class Settings(BaseSettings):
     job_min_backoff_ms: int = Field(500, ge=0)
     job_max_backoff_ms: int = Field(60_000, ge=0)
     job_time_limit_ms: int = Field(60_000, ge=1)
+    # Redis broker: how long a silent worker keeps its unacknowledged messages before another
+    # worker requeues them (a worker killed mid-job), and how often (per million commands) a
+    # worker runs that check.
+    broker_heartbeat_timeout_ms: int = Field(60_000, ge=1000)
+    broker_maintenance_chance: int = Field(1000, ge=1, le=1_000_000)
     run_worker_in_process: bool = False  # development: jobs run inside the API process
     relay_outbox_in_api: bool = True  # the API wakes the relay right after each commit
     outbox_poll_interval: float = Field(1.0, gt=0)
@@ -115,6 +126,22 @@ class Settings(BaseSettings):
     smtp_password: str | None = None
     smtp_starttls: bool = False
     smtp_timeout: float = 10.0
+
+    # Payments (the billing module's gateway)
+    payments_backend: Literal["fake", "http"] = "fake"
+    payments_url: str = ""
+    payments_api_key: str = ""
+    payments_webhook_secret: str = ""
+    payments_timeout: float = Field(10.0, gt=0)
+    payments_connect_timeout: float = Field(2.0, gt=0)
+    payments_max_attempts: int = Field(3, ge=1, le=10)
+
+    # Idempotency keys: how long a completed key replays its response, how long an in-flight
+    # claim may run before another request may take the key over, and how long a duplicate waits.
+    idempotency_ttl_seconds: int = Field(86_400, ge=60)
+    idempotency_lease_seconds: float = Field(60.0, gt=0)
+    idempotency_wait_seconds: float = Field(5.0, ge=0)
+    idempotency_purge_interval: float = Field(3600.0, gt=0)
 
     # Security
     secret_key: str = ""
@@ -170,7 +197,17 @@ class Settings(BaseSettings):
             raise ConfigError("ATRIUM_BROKER_URL is required in production")
         if self.email_backend == "smtp" and not self.smtp_host:
             raise ConfigError("ATRIUM_SMTP_HOST is required in production (email_backend=smtp)")
+        if "billing" in self.modules:
+            self._refuse_unsafe_payments()
         return self
+
+    def _refuse_unsafe_payments(self) -> None:
+        if self.payments_backend == "fake":
+            raise ConfigError("ATRIUM_PAYMENTS_BACKEND=fake charges nobody; use http in production")
+        if not self.payments_url or not self.payments_api_key:
+            raise ConfigError("ATRIUM_PAYMENTS_URL and ATRIUM_PAYMENTS_API_KEY are required in production")
+        if len(self.payments_webhook_secret) < 16 or self.payments_webhook_secret == DEV_WEBHOOK_SECRET:
+            raise ConfigError("ATRIUM_PAYMENTS_WEBHOOK_SECRET must be set (16+ characters) in production")
 
     @property
     def is_sqlite(self) -> bool:

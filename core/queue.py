@@ -20,7 +20,16 @@ from typing import Any
 
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
-from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
+from dramatiq.middleware import (
+    AgeLimit,
+    Callbacks,
+    CurrentMessage,
+    Pipelines,
+    Retries,
+    ShutdownNotifications,
+    TimeLimit,
+)
+from dramatiq.middleware.time_limit import TimeLimitExceeded
 from loguru import logger
 from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -42,6 +51,9 @@ class JobContext:
 
 
 TaskFn = Callable[[JobContext, Any], Awaitable[None]]
+# Called once, in its own transaction, when the last retry of a message has failed (the message
+# then goes to the dead-letter queue): the place to record the failure where users can see it.
+ExhaustedFn = Callable[[JobContext, Any, BaseException], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -51,14 +63,15 @@ class Task:
     payload: TypeAdapter[Any] = field(compare=False)
     max_retries: int | None = None
     time_limit_ms: int | None = None
+    on_exhausted: ExhaustedFn | None = field(default=None, compare=False)
 
     @property
     def module(self) -> str:
         return self.name.split(".", 1)[0]
 
 
-def task(name: str, *, max_retries: int | None = None, time_limit_ms: int | None = None
-         ) -> Callable[[TaskFn], Task]:
+def task(name: str, *, max_retries: int | None = None, time_limit_ms: int | None = None,
+         on_exhausted: ExhaustedFn | None = None) -> Callable[[TaskFn], Task]:
     """Declare a job; its payload type is the annotation of the function's second parameter."""
     if not TASK_NAME.match(name):
         raise ValueError(f"task name {name!r} must be '<module>.<verb>' in snake_case")
@@ -69,7 +82,7 @@ def task(name: str, *, max_retries: int | None = None, time_limit_ms: int | None
             raise TypeError(f"task {name!r} must be 'async def fn(ctx: JobContext, payload: T)'")
         annotation = params[1].annotation
         adapter = TypeAdapter(Any if annotation is inspect.Parameter.empty else annotation)
-        return Task(name, fn, adapter, max_retries, time_limit_ms)
+        return Task(name, fn, adapter, max_retries, time_limit_ms, on_exhausted)
 
     return declare
 
@@ -83,6 +96,7 @@ def _middleware(max_retries: int, min_backoff_ms: int, max_backoff_ms: int, time
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
+        CurrentMessage(),
         Retries(max_retries=max_retries, min_backoff=min_backoff_ms, max_backoff=max_backoff_ms),
     ]
 
@@ -91,10 +105,12 @@ def stub_broker(**retry: int) -> dramatiq.Broker:
     return StubBroker(middleware=_middleware(**retry))
 
 
-def redis_broker(url: str, namespace: str, **retry: int) -> dramatiq.Broker:
+def redis_broker(url: str, namespace: str, *, heartbeat_timeout: int = 60_000,
+                 maintenance_chance: int = 1000, **retry: int) -> dramatiq.Broker:
     from dramatiq.brokers.redis import RedisBroker
 
     return RedisBroker(url=url, namespace=namespace, middleware=_middleware(**retry),
+                       heartbeat_timeout=heartbeat_timeout, maintenance_chance=maintenance_chance,
                        socket_timeout=5, socket_connect_timeout=2)
 
 
@@ -187,6 +203,8 @@ class JobRunner:
         self.bridge = bridge
         self._containers = containers
         self.tasks = {t.name: t for t in tasks}
+        retries = next((m for m in broker.middleware if isinstance(m, Retries)), None)
+        self._default_max_retries = retries.max_retries if retries is not None else 0
         # One queue per module, prefixed so that several deployments (or test runs) can share
         # one RabbitMQ vhost without consuming each other's messages.
         self._queue_prefix = queue_prefix
@@ -201,11 +219,26 @@ class JobRunner:
             options["time_limit"] = t.time_limit_ms
 
         def run_message(message_id: str, request_id: str, payload: Any) -> None:
-            self.bridge.run(self.execute(t.name, message_id, request_id, payload))
+            try:
+                self.bridge.run(self.execute(t.name, message_id, request_id, payload))
+            except (Exception, TimeLimitExceeded) as exc:
+                if t.on_exhausted is not None and self._is_last_attempt(t):
+                    self.bridge.run(self.give_up(t.name, message_id, request_id, payload, exc))
+                raise
 
         run_message.__name__ = t.name.replace(".", "_")
         dramatiq.Actor(run_message, broker=self.broker, actor_name=t.name, queue_name=self.queue_of(t.name),
                        priority=0, options=options)
+
+    def _is_last_attempt(self, t: Task) -> bool:
+        """True when dramatiq's Retries will dead-letter the current message after this failure."""
+        message = CurrentMessage.get_current_message()
+        if message is None:
+            return False
+        retries = message.options.get("retries", 0)  # retries before this attempt
+        limit = message.options.get("max_retries", t.max_retries if t.max_retries is not None
+                                    else self._default_max_retries)
+        return limit is not None and retries >= limit
 
     @property
     def queues(self) -> set[str]:
@@ -227,6 +260,30 @@ class JobRunner:
                 await t.fn(JobContext(self._containers[t.module], session, message_id, request_id), value)
             logger.info("job {} done (message {})", t.name, message_id)
             return True
+        finally:
+            request_id_var.reset(token)
+
+
+    async def give_up(self, task_name: str, message_id: str, request_id: str, payload: Any,
+                      error: BaseException) -> bool:
+        """Run the task's ``on_exhausted`` once per message; False when it had already run."""
+        t = self.tasks[task_name]
+        assert t.on_exhausted is not None
+        token = request_id_var.set(request_id)
+        try:
+            value = t.payload.validate_python(payload)
+            async with UnitOfWork(self._sessions) as session:
+                if not await self._inbox.claim(session, message_id, f"{t.name}:exhausted"):
+                    return False
+                await t.on_exhausted(
+                    JobContext(self._containers[t.module], session, message_id, request_id), value, error
+                )
+            logger.error("job {} gave up after its last retry (message {}): {}: {}",
+                         t.name, message_id, type(error).__name__, error)
+            return True
+        except Exception as exc:  # the message is dead-lettered either way; keep the original error
+            logger.exception("job {}: on_exhausted failed (message {}): {}", t.name, message_id, exc)
+            return False
         finally:
             request_id_var.reset(token)
 

@@ -1,0 +1,26 @@
+"""idempotency keys: owner token of an in-flight claim
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-11-23
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0004"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("idempotency_keys") as batch:
+        batch.add_column(sa.Column("owner", sa.String(length=32), nullable=False, server_default=""))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("idempotency_keys") as batch:
+        batch.drop_column("owner")

@@ -1,0 +1,145 @@
+"""Billing HTTP API: invoices, payments (idempotent), and the gateway's webhook."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from core.di import Provided
+from core.errors import BadRequest
+from core.idempotency import IdempotencyStore, StoredResponse, check_key, fingerprint, run_once
+from core.payments import InvalidWebhook, PaymentGateway
+from core.web import CurrentPrincipal, DbSession, TransactionalRoute
+from modules.billing.schemas import (
+    InvoiceCreate,
+    InvoicePage,
+    InvoiceRead,
+    PaymentCreate,
+    PaymentList,
+    PaymentRead,
+)
+from modules.billing.service.invoices import InvoiceService
+from modules.billing.service.payments import PaymentService
+
+router = APIRouter(tags=["billing"], route_class=TransactionalRoute)
+Invoices = Annotated[InvoiceService, Provided("billing.invoices")]
+Payments = Annotated[PaymentService, Provided("billing.payments")]
+Idempotency = Annotated[IdempotencyStore, Provided("billing.idempotency")]
+Gateway = Annotated[PaymentGateway, Provided("billing.payment_gateway")]
+
+_OWNED = {401: {"description": "not authenticated"}, 404: {"description": "not found (or not yours)"}}
+
+
+@router.post("/invoices", status_code=201, response_model=InvoiceRead,
+             responses={401: _OWNED[401], 422: {"description": "unknown_items, mixed_currencies, ..."}})
+async def create_invoice(body: InvoiceCreate, principal: CurrentPrincipal, session: DbSession,
+                         invoices: Invoices, request: Request, response: Response) -> InvoiceRead:
+    """Open an invoice for the caller, priced from the catalog at this moment."""
+    requested = [(line.item_id, line.quantity) for line in body.lines]
+    invoice = await invoices.create(session, principal, requested)
+    response.headers["Location"] = str(request.url_for("read_invoice", invoice_id=invoice.id))
+    return InvoiceRead.model_validate(invoice, from_attributes=True)
+
+
+@router.get("/invoices", response_model=InvoicePage, responses={401: _OWNED[401]})
+async def list_invoices(
+    principal: CurrentPrincipal,
+    session: DbSession,
+    invoices: Invoices,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    status: Annotated[Literal["open", "paid", "void"] | None, Query()] = None,
+) -> InvoicePage:
+    """The caller's invoices, newest first (an admin sees everyone's); keyset-paginated."""
+    page, next_cursor = await invoices.list(session, principal, limit, cursor, status)
+    return InvoicePage(invoices=[InvoiceRead.model_validate(i, from_attributes=True) for i in page],
+                       next_cursor=next_cursor)
+
+
+@router.get("/invoices/{invoice_id}", response_model=InvoiceRead, responses=_OWNED)
+async def read_invoice(invoice_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession,
+                       invoices: Invoices) -> InvoiceRead:
+    """One invoice: its owner's or, for an admin, anyone's."""
+    return InvoiceRead.model_validate(await invoices.get_visible(session, principal, invoice_id),
+                                      from_attributes=True)
+
+
+@router.post("/invoices/{invoice_id}/void", response_model=InvoiceRead,
+             responses={**_OWNED, 409: {"description": "invalid_transition, payment_in_progress"}})
+async def void_invoice(invoice_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession,
+                       invoices: Invoices) -> InvoiceRead:
+    """Cancel an open invoice (its owner or an admin)."""
+    voided = await invoices.void(session, principal, invoice_id)
+    return InvoiceRead.model_validate(voided, from_attributes=True)
+
+
+@router.post(
+    "/invoices/{invoice_id}/payments",
+    status_code=202,
+    response_model=PaymentRead,
+    responses={
+        **_OWNED,
+        400: {"description": "idempotency_key_required, invalid_idempotency_key"},
+        409: {"description": "invoice_not_open, payment_in_progress, idempotency_request_in_progress"},
+        422: {"description": "idempotency_key_reused"},
+    },
+)
+async def pay_invoice(
+    invoice_id: uuid.UUID,
+    body: PaymentCreate,
+    principal: CurrentPrincipal,
+    session: DbSession,
+    payments: Payments,
+    store: Idempotency,
+    request: Request,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> Response:
+    """Pay the whole invoice; answers 202 ``pending`` at once and a job charges the gateway.
+
+    Requires ``Idempotency-Key``: a retry with the same key and body replays the first answer
+    (``Idempotent-Replayed: true``) and never charges twice.
+    """
+    key = check_key(idempotency_key)
+
+    async def accept() -> StoredResponse:
+        payment = await payments.start(session, principal, invoice_id, body.payment_token)
+        return StoredResponse(202, PaymentRead.model_validate(payment).model_dump(mode="json"))
+
+    stored, replayed = await run_once(
+        store, session, f"billing.payments:{principal.user_id}", key,
+        fingerprint(request.method, request.url.path, await request.body()), accept,
+    )
+    headers = {"Location": str(request.url_for("read_payment", payment_id=stored.body["id"]))}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(stored.body, status_code=stored.status, headers=headers)
+
+
+@router.get("/invoices/{invoice_id}/payments", response_model=PaymentList, responses=_OWNED)
+async def list_invoice_payments(invoice_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession,
+                                payments: Payments) -> PaymentList:
+    """Every payment attempt on an invoice, oldest first."""
+    found = await payments.of_invoice(session, principal, invoice_id)
+    return PaymentList(payments=[PaymentRead.model_validate(p) for p in found])
+
+
+@router.get("/payments/{payment_id}", response_model=PaymentRead, responses=_OWNED)
+async def read_payment(payment_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession,
+                       payments: Payments) -> PaymentRead:
+    """One payment: its owner's or, for an admin, anyone's."""
+    return PaymentRead.model_validate(await payments.get_visible(session, principal, payment_id))
+
+
+@router.post("/webhooks/payment-gateway", responses={400: {"description": "invalid_signature"}})
+async def gateway_webhook(request: Request, session: DbSession, payments: Payments,
+                          gateway: Gateway) -> dict[str, bool]:
+    """The gateway's signed notice of a late charge result; each event is applied once."""
+    try:
+        event = gateway.parse_webhook(await request.body(), request.headers)
+    except InvalidWebhook as exc:
+        raise BadRequest(f"The webhook could not be verified: {exc}.", code="invalid_signature") from None
+    await payments.apply_webhook(session, event)
+    return {"received": True}

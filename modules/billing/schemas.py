@@ -1,0 +1,88 @@
+"""HTTP models of the billing API, and the payloads of its jobs."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from modules.billing.domain import MAX_LINES, MAX_QUANTITY
+
+
+class LineCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: uuid.UUID
+    quantity: int = Field(ge=1, le=MAX_QUANTITY, strict=True)
+
+
+class InvoiceCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lines: list[LineCreate] = Field(min_length=1, max_length=MAX_LINES)
+
+
+class LineRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    item_id: uuid.UUID
+    name: str
+    unit_price: int
+    quantity: int
+    amount: int
+
+
+class InvoiceRead(BaseModel):
+    id: uuid.UUID
+    user_id: uuid.UUID
+    status: Literal["open", "paid", "void"]
+    currency: str
+    total: int = Field(description="integer minor units")
+    lines: list[LineRead]
+    created_at: datetime
+    updated_at: datetime
+    paid_at: datetime | None
+    voided_at: datetime | None
+
+
+class InvoicePage(BaseModel):
+    invoices: list[InvoiceRead]
+    next_cursor: str | None
+
+
+# Gateways issue tokens of letters, digits, '_' and '-'; anything else cannot be one.
+PaymentToken = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_\-]+$")]
+
+
+class PaymentCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    payment_token: PaymentToken
+
+
+class PaymentRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    invoice_id: uuid.UUID
+    user_id: uuid.UUID
+    status: Literal["pending", "succeeded", "failed"]
+    amount: int = Field(description="integer minor units")
+    currency: str
+    failure_code: str | None
+    failure_message: str | None
+    created_at: datetime
+    updated_at: datetime
+    settled_at: datetime | None
+
+
+class PaymentList(BaseModel):
+    payments: list[PaymentRead]
+
+
+class ChargePayment(BaseModel):
+    """Payload of the ``billing.charge_payment`` job."""
+
+    payment_id: uuid.UUID

@@ -1,0 +1,1 @@
+"""Billing use cases, one file per aggregate: invoices and payments."""
