@@ -30,7 +30,7 @@ from sqlalchemy import JSON, String, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapped, mapped_column
 
-from core.db import Base, UnitOfWork, insert_or_ignore, utcnow
+from core.db import Base, UnitOfWork, insert_or_ignore, rollback, utcnow
 from core.errors import BadRequest, Conflict, Unprocessable
 
 IN_FLIGHT, COMPLETED = "in_flight", "completed"
@@ -226,7 +226,9 @@ async def run_once(
     """Run ``action`` at most once per key; returns its response and whether it was a replay.
 
     The response is stored in ``session`` (the use case's transaction). If the action fails, the
-    claim is released so the client may retry; if even that fails, the lease frees the key.
+    session is rolled back and the claim released so the client may retry; if even that fails,
+    the lease frees the key. Call it before ``session`` has begun a transaction: on SQLite a
+    transaction holds the database's write lock, which the claim's own transaction needs.
     """
     claimed = await store.claim(scope, key, fingerprint)
     if isinstance(claimed, StoredResponse):
@@ -236,6 +238,9 @@ async def run_once(
         await store.complete(session, claimed, response)
     except BaseException:
         try:
+            # The effect is void anyway; rolling back first also frees SQLite's write lock,
+            # which the release's own transaction would otherwise wait for.
+            await asyncio.shield(rollback(session))
             await asyncio.shield(store.release(claimed))
         except Exception as exc:  # the lease will free the key
             logger.warning("idempotency: could not release key in scope {}: {}", scope, type(exc).__name__)

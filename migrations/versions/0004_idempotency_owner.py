@@ -19,6 +19,8 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("idempotency_keys") as batch:
         batch.add_column(sa.Column("owner", sa.String(length=32), nullable=False, server_default=""))
+    # Claims made before leases existed held their key for the whole TTL; let them go now.
+    op.execute("UPDATE idempotency_keys SET expires_at = CURRENT_TIMESTAMP WHERE state = 'in_flight'")
 
 
 def downgrade() -> None:

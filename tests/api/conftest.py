@@ -1,8 +1,9 @@
 """The API suite runs twice: on the development profile and on a production-like profile.
 
 development: SQLite file, in-memory cache, StubBroker with the in-process worker, in-memory email.
-production:  PostgreSQL, Redis cache, Redis broker, SMTP to a local server, and a real
-             ``atrium worker`` process running the jobs.
+production:  PostgreSQL, Redis cache, Redis broker, SMTP to a local server, the HTTP payment
+             gateway adapter against a local gateway server, and a real ``atrium worker``
+             process running the jobs.
 """
 
 from __future__ import annotations
@@ -25,13 +26,27 @@ from fastapi import FastAPI
 
 from config import Settings
 from core.db import UnitOfWork
+from core.payments import FakePaymentGateway, GatewayEvent, GatewayLedger
 from main import create_app
 from tests.conftest import TEST_SECRET, make_settings, migrated
+from tests.support.gateway import GatewayServer
 from tests.support.services import REDIS_URL, require
 from tests.support.smtp import SmtpServer
 
 ROOT = Path(__file__).resolve().parents[2]
 CHEAP_HASHING = {"password_time_cost": 1, "password_memory_cost": 1024}
+
+
+Delivery = tuple[GatewayEvent, bytes, dict[str, str]]
+
+
+@dataclass
+class Gateway:
+    """The payment gateway behind a stack, seen from the test: its ledger and its faults."""
+
+    ledger: GatewayLedger
+    fail_next: Callable[[int], None]
+    settle_pending: Callable[[], list[Delivery]]  # signed webhook deliveries, for the test to post
 
 
 @dataclass
@@ -42,7 +57,9 @@ class Stack:
     client: httpx.AsyncClient
     wait_for_mail: Callable[[str], Awaitable[Any]]
     mail_count: Callable[[str], int]
+    gateway: Gateway
     worker_log: Path | None = None
+    gateway_server: GatewayServer | None = None
 
     @property
     def container(self) -> Any:
@@ -120,17 +137,23 @@ async def stack(
         def count_dev(to: str) -> int:
             return sum(1 for m in sender.sent if m.to == to)
 
+        fake: FakePaymentGateway = app.state.container.payment_gateway()
+
+        def settle_dev() -> list[Delivery]:
+            return [(event, *fake.signed(event)) for event in fake.ledger.settle_pending()]
+
+        gateway = Gateway(fake.ledger, fake.fail_next, settle_dev)
         async with _serve(app) as client:
-            yield Stack("development", settings, app, client, wait_dev, count_dev)
+            yield Stack("development", settings, app, client, wait_dev, count_dev, gateway)
         return
 
     require("postgres")
     require("redis")
     namespace = f"atrium-test-{uuid.uuid4().hex[:10]}"
-    with SmtpServer() as smtp:
+    with SmtpServer() as smtp, GatewayServer() as gateway_server:
         values: dict[str, Any] = {
             "env": "production",
-            "modules": ("users", "items"),
+            "modules": ("users", "items", "billing"),
             "secret_key": TEST_SECRET,
             "database_url": await migrated(await pg_database_factory()),
             "cache_backend": "redis",
@@ -142,6 +165,12 @@ async def stack(
             "email_backend": "smtp",
             "smtp_host": smtp.host,
             "smtp_port": smtp.port,
+            "payments_url": gateway_server.url,
+            "payments_api_key": gateway_server.api_key,
+            "payments_webhook_secret": gateway_server.webhook_secret,
+            "payments_timeout": 2.0,
+            "job_min_backoff_ms": 100,
+            "job_max_backoff_ms": 1000,
             "log_level": "INFO",
             "log_json": True,
             "outbox_poll_interval": 0.2,
@@ -156,9 +185,11 @@ async def stack(
         def count_prod(to: str) -> int:
             return sum(1 for m in smtp.messages if to in m.rcpt_tos)
 
+        gateway = Gateway(gateway_server.ledger, gateway_server.fail_next, gateway_server.settle_pending)
         try:
             async with _serve(app) as client:
-                yield Stack("production", settings, app, client, smtp.wait_for, count_prod, log_path)
+                yield Stack("production", settings, app, client, smtp.wait_for, count_prod, gateway,
+                            log_path, gateway_server)
         finally:
             code = _stop_worker(worker)
             await _flush_redis_namespace(namespace)

@@ -20,6 +20,9 @@ PRODUCTION = {
     "ATRIUM_REDIS_URL": "redis://cache:6379/0",
     "ATRIUM_BROKER_URL": "redis://queue:6379/1",
     "ATRIUM_SMTP_HOST": "smtp.example.com",
+    "ATRIUM_PAYMENTS_URL": "https://gateway.example.com",
+    "ATRIUM_PAYMENTS_API_KEY": "gateway-api-key",
+    "ATRIUM_PAYMENTS_WEBHOOK_SECRET": "whsec-0123456789abcdef",
 }
 
 
@@ -63,7 +66,8 @@ def test_development_is_the_default_profile() -> None:
     assert settings.auto_migrate is True
     assert settings.run_worker_in_process is True
     assert settings.secret_key == DEV_SECRET
-    assert settings.modules == ("users", "items")
+    assert settings.modules == ("users", "items", "billing")
+    assert settings.payments_backend == "fake"
 
 
 def test_test_profile_keeps_mail_in_memory_and_hashes_cheaply(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,6 +143,7 @@ def test_modules_parse_from_a_comma_separated_list(monkeypatch: pytest.MonkeyPat
     settings = load_settings()
 
     assert settings.modules == ("users", "items")
+    assert settings.payments_backend == "fake"
     assert isinstance(settings.modules, tuple)
 
 
@@ -219,6 +224,16 @@ def test_production_with_rabbitmq_and_console_email_loads(monkeypatch: pytest.Mo
         pytest.param({"ATRIUM_BROKER_URL": None}, "ATRIUM_BROKER_URL", "required",
                      id="broker-url-missing"),
         pytest.param({"ATRIUM_SMTP_HOST": None}, "ATRIUM_SMTP_HOST", "required", id="smtp-missing"),
+        pytest.param({"ATRIUM_PAYMENTS_BACKEND": "fake"}, "ATRIUM_PAYMENTS_BACKEND", "fake",
+                     id="payments-fake"),
+        pytest.param({"ATRIUM_PAYMENTS_URL": None}, "ATRIUM_PAYMENTS_URL", "required",
+                     id="payments-url-missing"),
+        pytest.param({"ATRIUM_PAYMENTS_API_KEY": None}, "ATRIUM_PAYMENTS_API_KEY", "required",
+                     id="payments-key-missing"),
+        pytest.param({"ATRIUM_PAYMENTS_WEBHOOK_SECRET": None}, "ATRIUM_PAYMENTS_WEBHOOK_SECRET", "16+",
+                     id="payments-webhook-secret-missing"),
+        pytest.param({"ATRIUM_PAYMENTS_WEBHOOK_SECRET": "short"}, "ATRIUM_PAYMENTS_WEBHOOK_SECRET", "16+",
+                     id="payments-webhook-secret-short"),
     ],
 )
 def test_production_refuses_an_unsafe_config(
@@ -305,3 +320,10 @@ def test_cli_modules_runs_with_a_good_config(
     assert status == 0
     assert captured.err == ""
     assert captured.out.startswith("users")
+
+
+def test_production_without_billing_needs_no_payment_gateway(monkeypatch: pytest.MonkeyPatch) -> None:
+    production(monkeypatch, ATRIUM_MODULES="users,items", ATRIUM_PAYMENTS_URL=None,
+               ATRIUM_PAYMENTS_API_KEY=None, ATRIUM_PAYMENTS_WEBHOOK_SECRET=None)
+
+    assert load_settings().modules == ("users", "items")
