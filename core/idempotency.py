@@ -97,6 +97,7 @@ class IdempotencyKeyReused(Unprocessable):
 
 class IdempotencyRequestInProgress(Conflict):
     code = "idempotency_request_in_progress"
+    headers = {"Retry-After": "1"}
 
 
 class IdempotencyClaimLost(Conflict):
@@ -138,13 +139,13 @@ class IdempotencyStore:
             if row is None:  # released (or purged) in between: claim again
                 continue
             if row.fingerprint != fingerprint:
-                raise IdempotencyKeyReused("this Idempotency-Key was used with another request",
-                                           details={"scope": scope})
+                raise IdempotencyKeyReused("This Idempotency-Key was already used with a different request.")
             if row.state == COMPLETED:
                 return StoredResponse(status=int(row.response_status), body=row.response_body)
             if time.monotonic() >= deadline:
-                raise IdempotencyRequestInProgress("a request with this Idempotency-Key is still running",
-                                                   details={"scope": scope})
+                raise IdempotencyRequestInProgress(
+                    "A request with this Idempotency-Key is still in progress; retry shortly."
+                )
             await asyncio.sleep(self._poll)
 
     async def _claim_once(
@@ -183,8 +184,7 @@ class IdempotencyStore:
                     expires_at=self._clock() + self._ttl)
         )
         if not result.rowcount:
-            raise IdempotencyClaimLost("the Idempotency-Key is no longer claimed; retry the request",
-                                       details={"scope": claim.scope})
+            raise IdempotencyClaimLost("The Idempotency-Key is no longer held by this request; retry it.")
 
     async def release(self, claim: Claim) -> None:
         """Forget this caller's in-flight claim after a failed use case, so the client may retry."""

@@ -58,6 +58,7 @@ class Stack:
     wait_for_mail: Callable[[str], Awaitable[Any]]
     mail_count: Callable[[str], int]
     gateway: Gateway
+    mails: Callable[[str], list[tuple[str, str]]]  # (subject, body) of every mail to an address
     worker_log: Path | None = None
     gateway_server: GatewayServer | None = None
 
@@ -142,9 +143,12 @@ async def stack(
         def settle_dev() -> list[Delivery]:
             return [(event, *fake.signed(event)) for event in fake.ledger.settle_pending()]
 
+        def mails_dev(to: str) -> list[tuple[str, str]]:
+            return [(m.subject, m.body) for m in sender.sent if m.to == to]
+
         gateway = Gateway(fake.ledger, fake.fail_next, settle_dev)
         async with _serve(app) as client:
-            yield Stack("development", settings, app, client, wait_dev, count_dev, gateway)
+            yield Stack("development", settings, app, client, wait_dev, count_dev, gateway, mails_dev)
         return
 
     require("postgres")
@@ -185,11 +189,14 @@ async def stack(
         def count_prod(to: str) -> int:
             return sum(1 for m in smtp.messages if to in m.rcpt_tos)
 
+        def mails_prod(to: str) -> list[tuple[str, str]]:
+            return [(m.subject, m.body) for m in smtp.messages if to in m.rcpt_tos]
+
         gateway = Gateway(gateway_server.ledger, gateway_server.fail_next, gateway_server.settle_pending)
         try:
             async with _serve(app) as client:
                 yield Stack("production", settings, app, client, smtp.wait_for, count_prod, gateway,
-                            log_path, gateway_server)
+                            mails_prod, log_path, gateway_server)
         finally:
             code = _stop_worker(worker)
             await _flush_redis_namespace(namespace)
