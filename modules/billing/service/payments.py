@@ -164,7 +164,14 @@ class PaymentService:
             logger.warning("gateway webhook {} names no payment of ours", event.id)
             return False
         locked = await self._lock(session, payment_id)
-        if locked is None or locked[1].status != PaymentStatus.PENDING.value:
+        if locked is None:
+            return False
+        if locked[1].status != PaymentStatus.PENDING.value:
+            if event.status == SUCCEEDED and locked[1].status != PaymentStatus.SUCCEEDED.value:
+                # Money was taken for a payment we had already failed (e.g. given up after
+                # timeouts): never drop that fact; it needs a refund or a manual settlement.
+                logger.error("reconcile: gateway charge {} succeeded for payment {}, which is {}",
+                             event.charge_id, payment_id, locked[1].status)
             return False
         await self._settle(session, locked[1], ChargeResult(
             event.status, event.charge_id, event.failure_code, event.failure_message
