@@ -397,6 +397,7 @@ class TestPayments:
         assert busy["details"]["payment_id"] == pending["id"]
         assert_envelope(await stack.client.post(f"{INVOICES}/{invoice['id']}/void", headers=alice), 409,
                         "payment_in_progress")
+        await eventually(lambda: pending["id"] in stack.gateway.ledger.charges)  # the job has charged
         await settle_by_webhook(stack)
         assert (await settled(stack, alice, pending["id"]))["status"] == "succeeded"
         assert_envelope(await pay(stack, alice, invoice["id"]), 409, "invoice_not_open")
