@@ -16,7 +16,7 @@ from dependency_injector import containers, providers
 from dramatiq import Broker
 
 from config import Settings
-from core import cache, db, email, metrics, payments, queue, security
+from core import cache, db, email, metrics, payments, queue, ratelimit, security
 from core.idempotency import IdempotencyStore
 from core.module import Module, ModuleError, load_modules
 from core.outbox import Inbox, Outbox, OutboxRelay
@@ -42,6 +42,13 @@ def _http_gateway(**options: Any) -> payments.PaymentGateway:
     from core.payments_http import HttpPaymentGateway  # httpx is only needed when chosen
 
     return HttpPaymentGateway(**options)
+
+
+async def _closing_rate_limiter(limiter: ratelimit.RateLimiter) -> AsyncIterator[ratelimit.RateLimiter]:
+    try:
+        yield limiter
+    finally:
+        await limiter.aclose()
 
 
 async def _closing_gateway(gateway: payments.PaymentGateway) -> AsyncIterator[payments.PaymentGateway]:
@@ -159,6 +166,9 @@ class Core(containers.DeclarativeContainer):
     )
 
     metrics_registry = providers.Singleton(metrics.new_registry)
+    job_metrics = providers.Singleton(metrics.JobMetrics, metrics_registry)
+    outbox_metrics = providers.Singleton(metrics.OutboxMetrics, metrics_registry)
+    pool_metrics = providers.Singleton(metrics.DbPoolMetrics, engine, metrics_registry)
     idempotency = providers.Singleton(
         IdempotencyStore,
         sessions,
@@ -168,23 +178,48 @@ class Core(containers.DeclarativeContainer):
     )
     cursors = providers.Singleton(CursorCodec, settings.provided.secret_key)
 
+    # Rate limits: the limiter port (chosen like the cache) and the app's policies around it.
+    rate_limiter = providers.Selector(
+        settings.provided.rate_limit_backend,
+        memory=providers.Singleton(ratelimit.MemoryRateLimiter),
+        none=providers.Singleton(ratelimit.NullRateLimiter),
+        redis=providers.Singleton(
+            ratelimit.RedisRateLimiter.from_url,
+            settings.provided.redis_url,
+            namespace=settings.provided.cache_namespace,
+            timeout=settings.provided.rate_limit_timeout,
+        ),
+    )
+    rate_limiter_lifecycle = providers.Resource(_closing_rate_limiter, rate_limiter)
+    rate_limits = providers.Singleton(
+        ratelimit.RateLimits,
+        rate_limiter,
+        settings.provided.rate_limits,
+        settings.provided.rate_limit_groups,
+        tokens=tokens,
+        registry=metrics_registry,
+        trusted_proxies=settings.provided.trusted_proxies,
+        fail_open=settings.provided.rate_limit_fail_open,
+        login_fail_open=settings.provided.rate_limit_login_fail_open,
+    )
+
     bridge = providers.Singleton(queue.LoopBridge)
     inbox = providers.Singleton(Inbox)
     jobs = providers.Singleton(
-        lambda broker, sessions, inbox, bridge, mods, root, s: queue.JobRunner(
+        lambda broker, sessions, inbox, bridge, mods, root, s, job_metrics: queue.JobRunner(
             broker, sessions, inbox, bridge,
             containers={m.name: getattr(root, m.name) for m in mods},
             tasks=[t for m in mods for t in _module_tasks(m)],
-            queue_prefix=f"{s.broker_namespace}.",
+            queue_prefix=f"{s.broker_namespace}.", metrics=job_metrics,
         ),
-        broker, sessions, inbox, bridge, modules, __self__, settings,
+        broker, sessions, inbox, bridge, modules, __self__, settings, job_metrics,
     )
     relay = providers.Singleton(
-        lambda sessions, broker, jobs, mods, s: OutboxRelay(
+        lambda sessions, broker, jobs, mods, s, outbox_metrics: OutboxRelay(
             sessions, queue.BrokerSender(broker), _event_routes(mods), jobs.queue_of,
-            batch_size=s.outbox_batch_size, poll_interval=s.outbox_poll_interval,
+            batch_size=s.outbox_batch_size, poll_interval=s.outbox_poll_interval, metrics=outbox_metrics,
         ),
-        sessions, broker, jobs, modules, settings,
+        sessions, broker, jobs, modules, settings, outbox_metrics,
     )
     outbox = providers.Singleton(Outbox, notify=relay.provided.kick)
 

@@ -26,10 +26,11 @@ from core.error_handlers import ErrorMiddleware, install_error_handlers
 from core.errors import AppError
 from core.health import router as health_router
 from core.logging import configure_logging
-from core.metrics import install_metrics
+from core.metrics import disable_multiprocess, install_metrics, prepare_serve, serve_metrics
 from core.middleware import RequestContextMiddleware
 from core.module import Module, ModuleError, load_modules
 from core.queue import ping_broker
+from core.ratelimit import RateLimitMiddleware
 
 API_PREFIX = "/api/v1"
 
@@ -61,9 +62,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             api.include_router(module.router)
     app.include_router(api)
 
-    # Added innermost first: RequestContext -> metrics -> ErrorMiddleware -> routes.
+    # Added innermost first: RequestContext -> metrics -> ErrorMiddleware -> RateLimit -> routes
+    # (a 429 carries the request id and is counted like any other response).
+    app.add_middleware(RateLimitMiddleware, limits=container.rate_limits())
     app.add_middleware(ErrorMiddleware)
-    install_metrics(app, container.metrics_registry())
+    install_metrics(app, container.metrics_registry(), pool=container.pool_metrics())
     app.add_middleware(RequestContextMiddleware)
     return app
 
@@ -126,6 +129,7 @@ def run_worker(settings: Settings, threads: int | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     configure_logging(settings.log_level, settings.log_json)
+    disable_multiprocess()  # the worker serves its own metrics, never into `serve`'s shared files
     container = build_container(settings)
     bridge = container.bridge()
     bridge.start_thread()
@@ -149,11 +153,16 @@ def run_worker(settings: Settings, threads: int | None = None) -> None:
     bridge.run(start_background())
     worker = dramatiq.Worker(broker, worker_threads=threads or settings.worker_threads)
     worker.start()
+    container.pool_metrics()  # jobs, outbox and pool metrics, on the worker's own port
+    stop_metrics = serve_metrics(container.metrics_registry(), settings.worker_metrics_host,
+                                 settings.worker_metrics_port)
     logger.info("worker started: tasks={}", ",".join(sorted(jobs.tasks)))
     stop.wait()
     logger.info("worker stopping: finishing jobs in progress")
     worker.stop(timeout=30_000)
     bridge.run(stop_background())
+    if stop_metrics is not None:
+        stop_metrics()
     bridge.run(_shutdown_resources(container))
     bridge.stop_thread()
     logger.info("worker stopped")
@@ -239,9 +248,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         import uvicorn
 
         load_modules(settings.modules)  # fail fast, before uvicorn, with our one-line message
+        port = args.port or settings.port
+        prepare_serve(args.workers, settings.metrics_multiproc_dir, port)  # before any worker exists
         uvicorn.run(
             "main:create_app", factory=True,
-            host=args.host or settings.host, port=args.port or settings.port, workers=args.workers,
+            host=args.host or settings.host, port=port, workers=args.workers,
             log_config=None, access_log=False, proxy_headers=True, server_header=False,
         )
         return 0

@@ -8,11 +8,15 @@ so a misconfigured deploy fails loudly at boot instead of quietly running on SQL
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from core.ratelimit import parse_policy
 
 
 class Environment(StrEnum):
@@ -27,6 +31,12 @@ class ConfigError(ValueError):
 
 DEV_SECRET = "dev-secret-change-me-dev-secret-change-me"
 DEV_WEBHOOK_SECRET = "dev-webhook-secret-change-me"
+
+# Rate limit groups every deploy has: the general limit per client or user, and the stricter
+# limits of POST /auth/token per client and per account.
+DEFAULT_RATE_LIMITS: dict[str, str] = {
+    "default": "600/minute", "auth_client": "30/minute", "auth_account": "5/minute"
+}
 
 # Values a profile gives to fields the environment did not set. Production gives none of the
 # server URLs: they must come from the deploy.
@@ -63,6 +73,7 @@ PROFILES: dict[Environment, dict[str, Any]] = {
         "broker_backend": "redis",
         "email_backend": "smtp",
         "payments_backend": "http",
+        "rate_limit_backend": "redis",
         "auto_migrate": False,
         "log_json": True,
     },
@@ -150,7 +161,24 @@ class Settings(BaseSettings):
     password_time_cost: int = Field(3, ge=1)
     password_memory_cost: int = Field(65536, ge=8)
 
+    # Rate limits (README "Rate limits"): group -> "N/second|minute|hour|day"; the groups given
+    # replace the defaults of the same name. Path prefix -> group ("none" exempts a prefix).
+    rate_limit_backend: Literal["memory", "redis", "none"] = "memory"
+    rate_limits: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    rate_limit_groups: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    rate_limit_fail_open: bool = True  # general limits when the limiter is down: let requests through
+    rate_limit_login_fail_open: bool = False  # POST /auth/token when it is down: 503
+    rate_limit_timeout: float = Field(1.0, gt=0)  # Redis limiter: connect, command and pool wait (s)
+    trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ()  # IPs/CIDRs whose X-Forwarded-For counts
+
     health_timeout: float = Field(2.0, gt=0)
+
+    # Metrics (README "Metrics"). `atrium serve --workers N>1` shares them through this directory,
+    # emptied of the previous run's files at start; empty = <tempdir>/atrium-metrics-<uid>-<port>.
+    metrics_multiproc_dir: str = ""
+    # `atrium worker` serves its own /metrics here; port 0 = off.
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(9191, ge=0, le=65535)
 
     # Logging
     log_level: str = "INFO"
@@ -177,6 +205,60 @@ class Settings(BaseSettings):
             return tuple(name.strip() for name in value.split(",") if name.strip())
         return value
 
+    @field_validator("rate_limits", "rate_limit_groups", mode="before")
+    @classmethod
+    def _parse_mapping(cls, value: Any, info: ValidationInfo) -> Any:
+        """From the environment: a JSON object, or ``name=value,name=value``."""
+        if not isinstance(value, str):
+            return value
+        variable = f"ATRIUM_{(info.field_name or '').upper()}"
+        if value.lstrip().startswith("{"):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ConfigError(f"{variable} is not a valid JSON object") from None
+        pairs = [pair.partition("=") for pair in value.split(",") if pair.strip()]
+        if any(not sep or not key.strip() for key, sep, _ in pairs):
+            raise ConfigError(f"{variable} must be a JSON object or name=value pairs separated by commas")
+        return {key.strip(): item.strip() for key, _, item in pairs}
+
+    @field_validator("rate_limits", mode="after")
+    @classmethod
+    def _check_rate_limits(cls, value: dict[str, str]) -> dict[str, str]:
+        merged = {**DEFAULT_RATE_LIMITS, **value}
+        for name, spec in merged.items():
+            try:
+                parse_policy(name, spec)
+            except ValueError as exc:
+                raise ConfigError(f"ATRIUM_RATE_LIMITS: {exc}") from None
+        return merged
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _check_trusted_proxies(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = tuple(p.strip() for p in value.split(",") if p.strip())
+        for proxy in value:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"ATRIUM_TRUSTED_PROXIES: {proxy!r} is not an IP address or network"
+                ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_rate_limit_groups(self) -> Settings:
+        for prefix, group in self.rate_limit_groups.items():
+            if not prefix.startswith("/"):
+                raise ConfigError(f"ATRIUM_RATE_LIMIT_GROUPS: the path prefix {prefix!r} must start with /")
+            if group != "none" and group not in self.rate_limits:
+                raise ConfigError(
+                    f"ATRIUM_RATE_LIMIT_GROUPS: {prefix} -> {group!r}, "
+                    "a group ATRIUM_RATE_LIMITS does not define"
+                )
+        return self
+
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
         if self.env is not Environment.PRODUCTION:
@@ -191,6 +273,8 @@ class Settings(BaseSettings):
             raise ConfigError("ATRIUM_DATABASE_URL must point at PostgreSQL in production, not SQLite")
         if self.cache_backend == "redis" and not self.redis_url:
             raise ConfigError("ATRIUM_REDIS_URL is required in production (cache_backend=redis)")
+        if self.rate_limit_backend == "redis" and not self.redis_url:
+            raise ConfigError("ATRIUM_REDIS_URL is required in production (rate_limit_backend=redis)")
         if self.broker_backend == "stub":
             raise ConfigError("ATRIUM_BROKER_BACKEND=stub keeps jobs in memory; use redis or rabbitmq")
         if not self.broker_url:

@@ -14,11 +14,11 @@ import contextlib
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dramatiq import Message
 from loguru import logger
-from sqlalchemy import JSON, Index, String, Text, select
+from sqlalchemy import JSON, Index, String, Text, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -26,6 +26,9 @@ from core.context import request_id_var
 from core.db import Base, insert_or_ignore, new_id, on_commit, utcnow
 from core.events import IntegrationEvent
 from core.queue import dump_payload
+
+if TYPE_CHECKING:
+    from core.metrics import OutboxMetrics
 
 EVENT, JOB = "event", "job"
 
@@ -97,7 +100,9 @@ class OutboxRelay:
         queue_of: Callable[[str], str],
         batch_size: int = 100,
         poll_interval: float = 1.0,
+        metrics: OutboxMetrics | None = None,
     ) -> None:
+        self._metrics = metrics  # lag after each pass, rows published
         self._sessions = sessions
         self._send = send
         self._routes = routes
@@ -151,6 +156,8 @@ class OutboxRelay:
             except Exception as exc:  # broker or database down: keep the rows, retry later
                 backoff = min(backoff * 2, 30.0)
                 logger.warning("outbox: relay failed ({}); retrying in {:.1f}s", exc, backoff)
+            if self._metrics is not None:
+                await self._measure_lag(self._metrics)
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
             # races with the event being set, and stop() would then wait forever.
             with contextlib.suppress(TimeoutError):
@@ -173,6 +180,7 @@ class OutboxRelay:
             if not rows:
                 await session.rollback()
                 return 0
+            published = 0
             for row in rows:
                 try:
                     messages = self._messages(row)
@@ -189,10 +197,34 @@ class OutboxRelay:
                     row.attempts += 1
                     row.last_error = f"{type(exc).__name__}: {exc}"[:2000]
                     await session.commit()
+                    self._count_published(published)
                     raise
                 row.published_at = utcnow()
+                published += 1
             await session.commit()
+            self._count_published(published)
             return len(rows)
+
+    def _count_published(self, rows: int) -> None:
+        if self._metrics is not None and rows:
+            self._metrics.published.inc(rows)
+
+    async def oldest_waiting_age(self) -> float:
+        """Seconds since the oldest unpublished, unparked row was written (0 when none waits)."""
+        async with self._sessions() as session:
+            oldest = await session.scalar(
+                select(func.min(OutboxMessage.created_at))
+                .where(OutboxMessage.published_at.is_(None), OutboxMessage.parked_at.is_(None))
+            )
+        return max((utcnow() - oldest).total_seconds(), 0.0) if oldest is not None else 0.0
+
+    async def _measure_lag(self, metrics: OutboxMetrics) -> None:
+        try:
+            metrics.lag.set(await self.oldest_waiting_age())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the database is down: the relay already says so; keep the last value
+            logger.debug("outbox: measuring the lag failed: {}", exc)
 
     async def _deliver(self, message: Message[Any]) -> None:
         result = self._send(message)

@@ -13,10 +13,11 @@ import asyncio
 import inspect
 import re
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
@@ -36,6 +37,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.context import request_id_var
 from core.db import UnitOfWork
+
+if TYPE_CHECKING:
+    from core.metrics import JobMetrics
 
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$")
 
@@ -196,6 +200,7 @@ class JobRunner:
         containers: Mapping[str, Any],
         tasks: list[Task],
         queue_prefix: str = "",
+        metrics: JobMetrics | None = None,
     ) -> None:
         self.broker = broker
         self._sessions = sessions
@@ -208,6 +213,7 @@ class JobRunner:
         # One queue per module, prefixed so that several deployments (or test runs) can share
         # one RabbitMQ vhost without consuming each other's messages.
         self._queue_prefix = queue_prefix
+        self._metrics = metrics  # processed / failed / retried / duration per task
         for t in tasks:
             self._declare(t)
 
@@ -219,12 +225,18 @@ class JobRunner:
             options["time_limit"] = t.time_limit_ms
 
         def run_message(message_id: str, request_id: str, payload: Any) -> None:
+            started = time.perf_counter()
             try:
                 self.bridge.run(self.execute(t.name, message_id, request_id, payload))
             except (Exception, TimeLimitExceeded) as exc:
-                if t.on_exhausted is not None and self._is_last_attempt(t):
+                last = self._is_last_attempt(t)
+                if self._metrics is not None:
+                    self._metrics.failed_attempt(t.name, time.perf_counter() - started, will_retry=not last)
+                if t.on_exhausted is not None and last:
                     self.bridge.run(self.give_up(t.name, message_id, request_id, payload, exc))
                 raise
+            if self._metrics is not None:
+                self._metrics.succeeded(t.name, time.perf_counter() - started)
 
         run_message.__name__ = t.name.replace(".", "_")
         dramatiq.Actor(run_message, broker=self.broker, actor_name=t.name, queue_name=self.queue_of(t.name),

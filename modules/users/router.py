@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends
 from fastapi.security import OAuth2PasswordRequestForm
 
 from core.di import Provided
+from core.ratelimit import LoginRateLimit
 from core.web import CurrentPrincipal, DbSession, TransactionalRoute
 from modules.users.schemas import TokenRead, UserCreate, UserRead
 from modules.users.service import UserService
@@ -27,7 +28,8 @@ async def sign_up(body: UserCreate, session: DbSession, service: Service) -> Use
     return UserRead.model_validate(user)
 
 
-@router.post("/auth/token", response_model=TokenRead, responses={401: {"description": "invalid_credentials"}})
+@router.post("/auth/token", response_model=TokenRead, dependencies=[LoginRateLimit],
+             responses={401: {"description": "invalid_credentials"}, 429: {"description": "rate_limited"}})
 async def issue_token(
     form: Annotated[OAuth2PasswordRequestForm, Depends()], session: DbSession, service: Service
 ) -> TokenRead:

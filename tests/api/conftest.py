@@ -35,6 +35,11 @@ from tests.support.smtp import SmtpServer
 
 ROOT = Path(__file__).resolve().parents[2]
 CHEAP_HASHING = {"password_time_cost": 1, "password_memory_cost": 1024}
+# The session stacks serve the whole suite from one client address: limits it never reaches (a
+# string, so the worker's environment carries it too). tests/api/test_rate_limits.py sets tight ones.
+GENEROUS_RATE_LIMITS = {
+    "rate_limits": "default=1000000/minute,auth_client=1000000/minute,auth_account=1000000/minute"
+}
 
 
 Delivery = tuple[GatewayEvent, bytes, dict[str, str]]
@@ -128,7 +133,8 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     tmp = tmp_path_factory.mktemp(request.param)
     if request.param == "development":
-        settings = make_settings(database_url=f"sqlite+aiosqlite:///{tmp / 'dev.db'}", **CHEAP_HASHING)
+        settings = make_settings(database_url=f"sqlite+aiosqlite:///{tmp / 'dev.db'}", **CHEAP_HASHING,
+                                 **GENEROUS_RATE_LIMITS)
         app = create_app(settings)
         sender = app.state.container.email_sender()
 
@@ -179,6 +185,7 @@ async def stack(
             "log_json": True,
             "outbox_poll_interval": 0.2,
             **CHEAP_HASHING,
+            **GENEROUS_RATE_LIMITS,
         }
         settings = Settings(**{**values, "log_level": "WARNING"})
         log_path = tmp / "worker.log"
