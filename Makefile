@@ -6,7 +6,7 @@ SHELL := /bin/bash
 VENV ?= $(or $(ATRIUM_VENV),.venv)
 export ATRIUM_VENV := $(VENV)
 
-.PHONY: run test lint migrate worker bench clean bootstrap services
+.PHONY: run test lint migrate worker bench clean bootstrap services scale-out
 
 run:
 	scripts/serve
@@ -32,6 +32,11 @@ worker: bootstrap
 
 bench:
 	@if [ -f scripts/bench ]; then scripts/bench; else echo "no benchmark yet"; exit 1; fi
+
+# nginx -> 2 API processes + 2 workers on this machine, in the foreground (Ctrl-C stops it all).
+# Arguments: make scale-out ARGS='--port 8088 --items 10'
+scale-out: bootstrap services
+	deploy/scale-out $(ARGS)
 
 clean:
 	rm -rf .venv var build dist *.egg-info
