@@ -81,6 +81,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(upgrade, settings)
     await container.init_resources()
     app.state.sessions = container.sessions()
+    app.state.read_sessions = container.read_sessions()  # core.web.ReadSession; primary without replicas
     app.state.tokens = container.tokens()
     cache, broker, jobs, relay = container.cache(), container.broker(), container.jobs(), container.relay()
     engine = container.engine()
@@ -253,7 +254,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         uvicorn.run(
             "main:create_app", factory=True,
             host=args.host or settings.host, port=port, workers=args.workers,
-            log_config=None, access_log=False, proxy_headers=True, server_header=False,
+            log_config=None, access_log=False, server_header=False,
+            # X-Forwarded-For is believed only from the proxies the settings trust (nginx, the
+            # ingress); uvicorn's default would trust any local process.
+            proxy_headers=bool(settings.trusted_proxies),
+            forwarded_allow_ips=",".join(settings.trusted_proxies) or None,
         )
         return 0
     if args.command == "worker":

@@ -276,9 +276,14 @@ class RedisCache:
         self._invalidate = client.register_script(_INVALIDATE)
 
     @classmethod
-    def from_url(cls, url: str, namespace: str = "atrium", socket_timeout: float = 0.5) -> RedisCache:
+    def from_url(cls, url: str, namespace: str = "atrium", socket_timeout: float = 0.5,
+                 max_connections: int = 1024) -> RedisCache:
+        # redis-py's asyncio pool refuses a 101st concurrent command by default ("Too many
+        # connections"), which a burst of requests reaches easily and which would trip the read
+        # cache's cool-off. Redis serves thousands of clients; the request count bounds this.
         client = aioredis.Redis.from_url(
             url,
+            max_connections=max_connections,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout,
             health_check_interval=30,
