@@ -218,7 +218,13 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run the job worker and the outbox relay")
     worker.add_argument("--threads", type=int)
     migrate = sub.add_parser("migrate", help="upgrade the database schema")
-    migrate.add_argument("revision", nargs="?", default="head")
+    migrate.add_argument("revision", nargs="?", default=None,
+                         help="a revision such as items@head (default: core and every enabled module's head)")
+    revision = sub.add_parser("revision", help="add a migration to a module's (or core's) own history")
+    revision.add_argument("branch", help="a module name, or core")
+    revision.add_argument("-m", "--message", required=True)
+    revision.add_argument("--autogenerate", action="store_true",
+                          help="diff the models against the database (migrate it first)")
     admin = sub.add_parser("create-admin", help="create an administrator account")
     admin.add_argument("--email", required=True)
     admin.add_argument("--password", required=True)
@@ -264,12 +270,17 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "worker":
         run_worker(settings, args.threads)
         return 0
+    if args.command == "revision":
+        from migrations import new_revision
+
+        print(f"created {new_revision(settings, args.branch, args.message, args.autogenerate)}")
+        return 0
     if args.command == "migrate":
         from migrations import upgrade
 
         configure_logging(settings.log_level, settings.log_json, enqueue=False)
         upgrade(settings, args.revision)
-        print(f"database at {args.revision}")
+        print(f"database at {args.revision or 'head'} (core, {', '.join(settings.modules)})")
         return 0
     if args.command == "create-admin":
         configure_logging(settings.log_level, settings.log_json, enqueue=False)

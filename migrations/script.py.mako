@@ -1,7 +1,7 @@
 """${message}
 
 Revision ID: ${up_revision}
-Revises: ${down_revision | comma,n}
+Revises:${" " + (down_revision if isinstance(down_revision, str) else ", ".join(down_revision)) if down_revision else ""}
 Create Date: ${create_date}
 """
 
@@ -11,9 +11,9 @@ import sqlalchemy as sa
 from alembic import op
 ${imports if imports else ""}
 
-revision: str = ${repr(up_revision)}
-down_revision: str | None = ${repr(down_revision)}
-branch_labels: str | Sequence[str] | None = ${repr(branch_labels)}
+revision: str = "${up_revision}"
+down_revision: str | None = ${'"%s"' % down_revision if isinstance(down_revision, str) else repr(down_revision)}
+branch_labels: str | Sequence[str] | None = ${"(%s,)" % ", ".join('"%s"' % b for b in branch_labels) if branch_labels else None}
 depends_on: str | Sequence[str] | None = ${repr(depends_on)}
 
 

@@ -1,7 +1,7 @@
 """billing: invoices, invoice lines, payments
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: billing_0001
+Revises:
 Create Date: 2026-11-23
 """
 
@@ -10,9 +10,9 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005"
-down_revision: str | None = "0004"
-branch_labels: str | Sequence[str] | None = None
+revision: str = "billing_0001"
+down_revision: str | None = None
+branch_labels: str | Sequence[str] | None = ("billing",)
 depends_on: str | Sequence[str] | None = None
 
 TS = sa.DateTime(timezone=True)

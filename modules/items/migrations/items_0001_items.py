@@ -1,7 +1,7 @@
-"""items catalog
+"""items: the catalog
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: items_0001
+Revises:
 Create Date: 2026-11-23
 """
 
@@ -10,9 +10,9 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002"
-down_revision: str | None = "0001"
-branch_labels: str | Sequence[str] | None = None
+revision: str = "items_0001"
+down_revision: str | None = None
+branch_labels: str | Sequence[str] | None = ("items",)
 depends_on: str | Sequence[str] | None = None
 
 TS = sa.DateTime(timezone=True)

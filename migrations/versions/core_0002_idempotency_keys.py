@@ -1,7 +1,7 @@
-"""idempotency keys
+"""core: idempotency keys
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: core_0002
+Revises: core_0001
 Create Date: 2026-11-23
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003"
-down_revision: str | None = "0002"
+revision: str = "core_0002"
+down_revision: str | None = 'core_0001'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

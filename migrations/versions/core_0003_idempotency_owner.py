@@ -1,7 +1,7 @@
-"""idempotency keys: owner token of an in-flight claim
+"""core: owner token of an in-flight idempotency claim
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: core_0003
+Revises: core_0002
 Create Date: 2026-11-23
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004"
-down_revision: str | None = "0003"
+revision: str = "core_0003"
+down_revision: str | None = 'core_0002'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

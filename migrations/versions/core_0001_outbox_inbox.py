@@ -1,6 +1,6 @@
-"""users, outbox and inbox
+"""core: outbox and inbox
 
-Revision ID: 0001
+Revision ID: core_0001
 Revises:
 Create Date: 2026-11-23
 """
@@ -10,9 +10,9 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0001"
+revision: str = "core_0001"
 down_revision: str | None = None
-branch_labels: str | Sequence[str] | None = None
+branch_labels: str | Sequence[str] | None = ("core",)
 depends_on: str | Sequence[str] | None = None
 
 TS = sa.DateTime(timezone=True)
@@ -41,22 +41,9 @@ def upgrade() -> None:
         sa.Column("processed_at", TS, nullable=False),
         sa.PrimaryKeyConstraint("message_id", "consumer", name=op.f("pk_inbox_messages")),
     )
-    op.create_table(
-        "users",
-        sa.Column("id", sa.Uuid(), nullable=False),
-        sa.Column("email", sa.String(length=320), nullable=False),
-        sa.Column("password_hash", sa.String(length=255), nullable=False),
-        sa.Column("full_name", sa.String(length=200), nullable=False),
-        sa.Column("age", sa.Integer(), nullable=False),
-        sa.Column("is_admin", sa.Boolean(), nullable=False),
-        sa.Column("created_at", TS, nullable=False),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_users")),
-        sa.UniqueConstraint("email", name=op.f("uq_users_email")),
-    )
 
 
 def downgrade() -> None:
-    op.drop_table("users")
     op.drop_table("inbox_messages")
     op.drop_index("ix_outbox_messages_unpublished", table_name="outbox_messages")
     op.drop_table("outbox_messages")
