@@ -225,6 +225,9 @@ def _parser() -> argparse.ArgumentParser:
     revision.add_argument("-m", "--message", required=True)
     revision.add_argument("--autogenerate", action="store_true",
                           help="diff the models against the database (migrate it first)")
+    scaffold = sub.add_parser("new-module", help="write a working module folder and its tests")
+    scaffold.add_argument("name", help="snake_case, plural, e.g. notes")
+    scaffold.add_argument("--entity", help="the singular used in code (default: derived, e.g. note)")
     admin = sub.add_parser("create-admin", help="create an administrator account")
     admin.add_argument("--email", required=True)
     admin.add_argument("--password", required=True)
@@ -250,6 +253,23 @@ def cli(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _new_module(name: str, entity: str | None) -> int:
+    from pathlib import Path
+
+    from containers import Core
+    from core.scaffold import new_module
+
+    root = Path.cwd()
+    if not (root / "modules").is_dir():
+        raise ModuleError("run `atrium new-module` from the project's root (the folder holding modules/)")
+    created = new_module(name, root, entity=entity, reserved=set(Core.providers))
+    for path in created:
+        print(f"created {path.relative_to(root)}")
+    print(f"next: add {name} to ATRIUM_MODULES (e.g. ATRIUM_MODULES=users,items,billing,{name}), then "
+          f"`atrium migrate` and `make test`")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "serve":
         import uvicorn
@@ -270,6 +290,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "worker":
         run_worker(settings, args.threads)
         return 0
+    if args.command == "new-module":
+        return _new_module(args.name, args.entity)
     if args.command == "revision":
         from migrations import new_revision
 
