@@ -81,7 +81,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(upgrade, settings)
     await container.init_resources()
     app.state.sessions = container.sessions()
-    app.state.read_sessions = container.read_sessions()  # core.web.ReadSession; primary without replicas
     app.state.tokens = container.tokens()
     cache, broker, jobs, relay = container.cache(), container.broker(), container.jobs(), container.relay()
     engine = container.engine()
