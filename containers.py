@@ -81,11 +81,29 @@ class Core(containers.DeclarativeContainer):
         pool_recycle=settings.provided.database_pool_recycle,
         pool_pre_ping=settings.provided.database_pool_pre_ping,
         echo=settings.provided.database_echo,
+        connect_timeout=settings.provided.database_connect_timeout,
     )
     sessions = providers.Singleton(db.session_factory, engine)
+    # Read replicas: one engine per URL with the primary's pool options; ``read_sessions`` spreads
+    # read-only use cases over them and falls back to ``sessions`` (none configured, or all down).
+    replica_engines = providers.Singleton(
+        db.create_engines,
+        settings.provided.database_replica_urls,
+        pool_size=settings.provided.database_pool_size,
+        max_overflow=settings.provided.database_max_overflow,
+        pool_timeout=settings.provided.database_pool_timeout,
+        pool_recycle=settings.provided.database_pool_recycle,
+        pool_pre_ping=settings.provided.database_pool_pre_ping,
+        echo=settings.provided.database_echo,
+        connect_timeout=settings.provided.database_connect_timeout,
+    )
+    read_sessions = providers.Singleton(
+        db.ReadSessions, sessions, replica_engines, cooloff=settings.provided.database_replica_cooloff
+    )
     # Resources only close what the Singletons opened, so ``init_resources()`` resolves just the
     # adapters the Selectors chose and no provider turns asynchronous.
     engine_lifecycle = providers.Resource(db.engine_lifecycle, engine)
+    replica_engines_lifecycle = providers.Resource(db.engines_lifecycle, replica_engines)
 
     cache = providers.Selector(
         settings.provided.cache_backend,

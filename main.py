@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import threading
@@ -28,7 +29,7 @@ from core.health import router as health_router
 from core.logging import configure_logging
 from core.metrics import disable_multiprocess, install_metrics, prepare_serve, serve_metrics
 from core.middleware import RequestContextMiddleware
-from core.module import Module, ModuleError, load_modules
+from core.module import Module, ModuleError, load_modules, select_modules
 from core.queue import ping_broker
 from core.ratelimit import RateLimitMiddleware
 
@@ -41,11 +42,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings.log_level, settings.log_json)
     modules = load_modules(settings.modules)
     container = build_container(settings, modules)
+    # ATRIUM_API_MODULES: the routes this process serves; every module stays loaded (facades, outbox routes).
+    served = select_modules(modules, settings.api_modules, "ATRIUM_API_MODULES")
 
     app = FastAPI(
         title="Atrium",
         version="0.1.0",
-        summary="A modular monolith: " + ", ".join(m.name for m in modules),
+        summary="A modular monolith: " + ", ".join(m.name for m in served),
         lifespan=_lifespan,
         root_path=settings.root_path,
     )
@@ -57,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health_router)
     api = APIRouter(prefix=API_PREFIX)
-    for module in modules:
+    for module in served:
         if module.router is not None:
             api.include_router(module.router)
     app.include_router(api)
@@ -81,6 +84,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(upgrade, settings)
     await container.init_resources()
     app.state.sessions = container.sessions()
+    app.state.read_sessions = container.read_sessions()  # core.web.ReadSession; primary without replicas
     app.state.tokens = container.tokens()
     cache, broker, jobs, relay = container.cache(), container.broker(), container.jobs(), container.relay()
     engine = container.engine()
@@ -97,11 +101,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     worker = None
     if settings.run_worker_in_process:
-        import dramatiq
-
         jobs.bridge.bind(asyncio.get_running_loop())
-        worker = dramatiq.Worker(broker, worker_threads=settings.worker_threads)
-        worker.start()
+        running = select_modules(app.state.modules, settings.worker_modules, "ATRIUM_WORKER_MODULES")
+        worker = start_worker(broker, jobs, running, settings.worker_threads)
     if settings.relay_outbox_in_api:
         relay.start()
     names = ",".join(m.name for m in app.state.modules)
@@ -122,15 +124,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def run_worker(settings: Settings, threads: int | None = None) -> None:
-    """Run the enabled modules' jobs and the outbox relay until SIGINT/SIGTERM."""
-    import dramatiq
-
+    """Run the jobs of ``worker_modules`` (all enabled ones by default) and the outbox relay until
+    SIGINT/SIGTERM."""
     stop = threading.Event()  # handlers first: a SIGTERM during start-up still stops cleanly
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     configure_logging(settings.log_level, settings.log_json)
     disable_multiprocess()  # the worker serves its own metrics, never into `serve`'s shared files
-    container = build_container(settings)
+    modules = load_modules(settings.modules)
+    container = build_container(settings, modules)  # every enabled module: providers, outbox routes
+    running = select_modules(modules, settings.worker_modules, "ATRIUM_WORKER_MODULES")
     bridge = container.bridge()
     bridge.start_thread()
     bridge.run(_init_resources(container))
@@ -151,21 +154,43 @@ def run_worker(settings: Settings, threads: int | None = None) -> None:
         await relay.stop()
 
     bridge.run(start_background())
-    worker = dramatiq.Worker(broker, worker_threads=threads or settings.worker_threads)
-    worker.start()
+    worker = start_worker(broker, jobs, running, threads or settings.worker_threads)
     container.pool_metrics()  # jobs, outbox and pool metrics, on the worker's own port
     stop_metrics = serve_metrics(container.metrics_registry(), settings.worker_metrics_host,
                                  settings.worker_metrics_port)
-    logger.info("worker started: tasks={}", ",".join(sorted(jobs.tasks)))
+    logger.info("worker started: tasks={}",
+                ",".join(sorted(n for m in running for n in m.actors)) or "none (outbox relay only)")
     stop.wait()
     logger.info("worker stopping: finishing jobs in progress")
-    worker.stop(timeout=30_000)
+    if worker is not None:
+        worker.stop(timeout=30_000)
     bridge.run(stop_background())
     if stop_metrics is not None:
         stop_metrics()
     bridge.run(_shutdown_resources(container))
     bridge.stop_thread()
     logger.info("worker stopped")
+
+
+def actor_queues(jobs: Any, modules: Sequence[Module]) -> set[str]:
+    """The broker queues of these modules' actors: what a worker running only them consumes."""
+    return {jobs.queue_of(name) for module in modules for name in module.actors}
+
+
+def start_worker(broker: Any, jobs: Any, modules: Sequence[Module], threads: int) -> Any:
+    """A started ``dramatiq.Worker`` consuming only ``modules``' queues (None when they have no actor).
+
+    Every enabled module's actors stay declared on the broker, so this process's outbox relay routes
+    any job or event; the worker just does not consume the other modules' queues.
+    """
+    import dramatiq
+
+    queues = actor_queues(jobs, modules)
+    if not queues:
+        return None  # dramatiq reads an empty whitelist as "every queue"
+    worker = dramatiq.Worker(broker, worker_threads=threads, queues=queues)
+    worker.start()
+    return worker
 
 
 async def _init_resources(container: Any) -> None:
@@ -214,8 +239,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--modules", help="serve only these modules' routes, e.g. users,items "
+                                         "(sets ATRIUM_API_MODULES; all enabled modules stay loaded)")
     worker = sub.add_parser("worker", help="run the job worker and the outbox relay")
     worker.add_argument("--threads", type=int)
+    worker.add_argument("--modules", help="run only these modules' actors, e.g. billing "
+                                          "(sets ATRIUM_WORKER_MODULES; the relay still routes every module)")
     migrate = sub.add_parser("migrate", help="upgrade the database schema")
     migrate.add_argument("revision", nargs="?", default=None,
                          help="a revision such as items@head (default: core and every enabled module's head)")
@@ -231,7 +260,15 @@ def _parser() -> argparse.ArgumentParser:
     admin.add_argument("--email", required=True)
     admin.add_argument("--password", required=True)
     admin.add_argument("--full-name", default="Administrator")
-    sub.add_parser("modules", help="list enabled modules, their routes, actors and tables")
+    listing = sub.add_parser("modules", help="list enabled modules, their routes, actors and tables")
+    checks = listing.add_subparsers(dest="modules_command")
+    verify = checks.add_parser("verify", help="check the module rules: cycles, imports, dependencies, "
+                                              "actors, tables, container")
+    verify.add_argument("--enabled", action="store_true",
+                        help="only ATRIUM_MODULES (default: every package under modules/)")
+    docs = checks.add_parser("docs", help="write docs/modules.md (diagram, routes, facades, events, ...)")
+    docs.add_argument("--check", action="store_true", help="exit 1 when the file is stale, write nothing")
+    docs.add_argument("--output", help="default: docs/modules.md next to main.py")
     return parser
 
 
@@ -252,6 +289,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _exit_cleanly(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
 def _new_module(name: str, entity: str | None) -> int:
     from pathlib import Path
 
@@ -264,8 +305,48 @@ def _new_module(name: str, entity: str | None) -> int:
     created = new_module(name, root, entity=entity, reserved=set(Core.providers))
     for path in created:
         print(f"created {path.relative_to(root)}")
+    _module_docs(None, check=False)  # docs/modules.md describes every module on disk, the new one too
     print(f"next: add {name} to ATRIUM_MODULES (e.g. ATRIUM_MODULES=users,items,billing,{name}), then "
           f"`atrium migrate` and `make test`")
+    return 0
+
+
+def _verify_modules(settings: Settings, enabled_only: bool) -> int:
+    """``atrium modules verify``: one line per violation on stdout; exit 1 when there is any."""
+    from pathlib import Path
+
+    from core.verify import RULES, discover, verify
+
+    names = list(settings.modules) if enabled_only else discover()
+    violations = verify(names, Path(__file__).resolve().parent,
+                        build=lambda modules: build_container(settings, modules))
+    for violation in violations:
+        print(violation)
+    if violations:
+        print(f"atrium: modules verify: {len(violations)} violation(s)", file=sys.stderr)
+        return 1
+    print(f"modules verify: ok ({', '.join(names)}; rules: {', '.join(RULES)})")
+    return 0
+
+
+def _module_docs(output: str | None, check: bool) -> int:
+    """``atrium modules docs [--check]``: write docs/modules.md, or exit 1 when it is stale."""
+    from pathlib import Path
+
+    from core.module_docs import render
+    from core.verify import discover
+
+    path = Path(output) if output else Path(__file__).resolve().parent / "docs" / "modules.md"
+    text = render(load_modules(discover()), api_prefix=API_PREFIX)
+    if check:
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            print(f"atrium: {path} is stale: run `atrium modules docs` and commit it", file=sys.stderr)
+            return 1
+        print(f"{path} is up to date")
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    print(f"wrote {path}")
     return 0
 
 
@@ -273,9 +354,17 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "serve":
         import uvicorn
 
+        if args.modules is not None:  # uvicorn's factory (and its worker processes) read the environment
+            settings = load_settings(api_modules=args.modules)
+            os.environ["ATRIUM_API_MODULES"] = ",".join(settings.api_modules)
         load_modules(settings.modules)  # fail fast, before uvicorn, with our one-line message
         port = args.port or settings.port
         prepare_serve(args.workers, settings.metrics_multiproc_dir, port)  # before any worker exists
+        # uvicorn stops gracefully on SIGTERM/SIGINT (no new connections, in-flight requests
+        # finish, lifespan shutdown) and then raises the signal again; a stop that was asked for
+        # ends the process with status 0, not "killed by SIGTERM", which process managers log as a crash.
+        for stop_signal in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop_signal, _exit_cleanly)
         uvicorn.run(
             "main:create_app", factory=True,
             host=args.host or settings.host, port=port, workers=args.workers,
@@ -287,6 +376,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 0
     if args.command == "worker":
+        if args.modules is not None:
+            settings = load_settings(worker_modules=args.modules)
         run_worker(settings, args.threads)
         return 0
     if args.command == "new-module":
@@ -309,6 +400,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         print(f"admin created: {user.id} {user.email}")
         return 0
     if args.command == "modules":
+        if args.modules_command == "verify":
+            return _verify_modules(settings, args.enabled)
+        if args.modules_command == "docs":
+            return _module_docs(args.output, args.check)
         print(describe_modules(load_modules(settings.modules)))
         return 0
     raise AssertionError(args.command)

@@ -87,6 +87,10 @@ class Settings(BaseSettings):
 
     env: Environment = Environment.DEVELOPMENT
     modules: Annotated[tuple[str, ...], NoDecode] = ("users", "items", "billing")
+    # What this process serves out of ``modules`` (README "Modules per process"); empty = all.
+    # The rest stay loaded for their facades, providers and outbox routing.
+    api_modules: Annotated[tuple[str, ...], NoDecode] = ()  # routers included by the app
+    worker_modules: Annotated[tuple[str, ...], NoDecode] = ()  # actors a worker consumes
 
     # HTTP
     host: str = "127.0.0.1"
@@ -100,7 +104,13 @@ class Settings(BaseSettings):
     database_pool_timeout: float = Field(5.0, gt=0)
     database_pool_recycle: int = 1800
     database_pool_pre_ping: bool = True
+    database_connect_timeout: float = Field(5.0, gt=0)  # PostgreSQL: seconds to open a connection
     database_echo: bool = False
+    # Read replicas (README "Read replicas"): comma-separated URLs of hot standbys of database_url.
+    # Read-only use cases go to them round-robin; empty = everything on the primary. A replica
+    # that can't be reached is skipped for database_replica_cooloff seconds (its reads go to the primary).
+    database_replica_urls: Annotated[tuple[str, ...], NoDecode] = ()
+    database_replica_cooloff: float = Field(5.0, gt=0)
     auto_migrate: bool = False
 
     # Cache
@@ -198,12 +208,38 @@ class Settings(BaseSettings):
             ) from None
         return {**PROFILES[env], **{k: v for k, v in data.items() if v is not None}}
 
-    @field_validator("modules", mode="before")
+    @field_validator("modules", "api_modules", "worker_modules", mode="before")
     @classmethod
     def _split_modules(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
         return value
+
+    @model_validator(mode="after")
+    def _check_process_modules(self) -> Settings:
+        for setting, names in (("API_MODULES", self.api_modules), ("WORKER_MODULES", self.worker_modules)):
+            for name in names:
+                if name not in self.modules:
+                    raise ConfigError(f"ATRIUM_{setting}: module {name!r} is not enabled "
+                                      f"(ATRIUM_MODULES={','.join(self.modules)})")
+        return self
+
+    @field_validator("database_replica_urls", mode="before")
+    @classmethod
+    def _split_replica_urls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(url.strip() for url in value.split(",") if url.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> Settings:
+        if self.database_replica_urls and (self.is_sqlite or not self.database_url):
+            raise ConfigError("ATRIUM_DATABASE_REPLICA_URLS needs a PostgreSQL ATRIUM_DATABASE_URL")
+        for url in self.database_replica_urls:
+            if not url.startswith("postgresql"):
+                where = url.split("@")[-1]  # never echo a password
+                raise ConfigError(f"ATRIUM_DATABASE_REPLICA_URLS: {where!r} is not a PostgreSQL URL")
+        return self
 
     @field_validator("rate_limits", "rate_limit_groups", mode="before")
     @classmethod

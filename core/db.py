@@ -9,16 +9,20 @@ process for a transaction that rolled back.
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from loguru import logger
 from sqlalchemy import DateTime, MetaData, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -85,8 +89,13 @@ def create_engine(
     pool_recycle: int = 1800,
     pool_pre_ping: bool = True,
     echo: bool = False,
+    connect_timeout: float | None = None,
 ) -> AsyncEngine:
-    """An async engine with the pool settings exposed; SQLite gets WAL and a busy timeout."""
+    """An async engine with the pool settings exposed; SQLite gets WAL and a busy timeout.
+
+    ``connect_timeout`` bounds establishing a PostgreSQL connection (asyncpg waits 60 s by default):
+    with a server that does not answer, a request then fails (503) after at most that long.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -106,7 +115,10 @@ def create_engine(
         # asyncpg prepares every statement; after five runs PostgreSQL may switch to a generic
         # plan that ignores the actual filter values (a rare name prefix then walks the primary
         # key). Custom plans cost a little planning per query and keep the indexes in use.
-        connect_args={"server_settings": {"plan_cache_mode": "force_custom_plan"}},
+        connect_args={
+            "server_settings": {"plan_cache_mode": "force_custom_plan"},
+            **({"timeout": connect_timeout} if connect_timeout is not None else {}),
+        },
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=pool_timeout,
@@ -146,6 +158,117 @@ async def engine_lifecycle(engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+# SQLSTATE classes that mean "the server is not there for us right now", not "your query is wrong":
+# 08 connection exception, 57P01..57P05 operator intervention (admin/crash shutdown, cannot connect
+# now: starting up or shutting down, ...), 53300 too many connections.
+_UNAVAILABLE_SQLSTATES = ("08", "57P", "53300")
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` says the database could not be reached or dropped the connection.
+
+    Covers what SQLAlchemy wraps (a pool timeout, an invalidated connection) and what asyncpg
+    raises unwrapped while connecting (refused, timed out, "the database system is shutting down").
+    """
+    if isinstance(exc, PoolTimeout | OSError):  # OSError: refused, reset, timed out, no route, ...
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
+        code = getattr(candidate, "sqlstate", None)
+        if isinstance(code, str) and code.startswith(_UNAVAILABLE_SQLSTATES):
+            return True
+    return False
+
+
+def create_engines(urls: Sequence[str], **options: Any) -> list[AsyncEngine]:
+    """One engine per URL, each with the same pool options (the read replicas)."""
+    return [create_engine(url, **options) for url in urls]
+
+
+async def engines_lifecycle(engines: list[AsyncEngine]) -> AsyncIterator[list[AsyncEngine]]:
+    try:
+        yield engines
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
+class ReadSessions:
+    """Sessions for read-only use cases: round-robin over the read replicas, else the primary.
+
+    ``open()`` checks a connection out before handing the session over (the pool pre-pings it), so
+    a replica that is down is noticed there: it is skipped for ``cooloff`` seconds (logged once per
+    outage), the read goes to the next replica and finally to the primary. A replica outage makes
+    reads land on the primary; it never fails them. With no replicas every read session is a
+    primary session. The caller rolls back (closes) a read session; nothing commits it.
+    """
+
+    def __init__(
+        self,
+        primary: async_sessionmaker[AsyncSession],
+        replicas: Sequence[AsyncEngine] = (),
+        *,
+        cooloff: float = 5.0,
+    ) -> None:
+        self.primary = primary
+        self._replicas = [session_factory(engine) for engine in replicas]
+        self._names = [engine.url.render_as_string(hide_password=True) for engine in replicas]
+        self._down_until = [0.0] * len(self._replicas)
+        self._cooloff = cooloff
+        self._turn = itertools.count()
+
+    @property
+    def replicated(self) -> bool:
+        return bool(self._replicas)
+
+    def _candidates(self) -> list[int]:
+        """Replica indexes to try, round-robin, leaving out those in their cool-off."""
+        count = len(self._replicas)
+        if not count:
+            return []
+        start, now = next(self._turn) % count, time.monotonic()
+        return [i for i in ((start + k) % count for k in range(count)) if self._down_until[i] <= now]
+
+    def __call__(self) -> AsyncSession:
+        """A session on the next replica not known to be down (no connection check), else the primary."""
+        candidates = self._candidates()
+        return self._replicas[candidates[0]]() if candidates else self.primary()
+
+    async def open(self) -> AsyncSession:
+        """A session whose connection is already checked out: a replica's that answers, else the primary's."""
+        for index in self._candidates():
+            session = self._replicas[index]()
+            try:
+                await session.connection()
+            except Exception as exc:
+                await _close_quietly(session)
+                if not database_unavailable(exc):
+                    raise
+                self._mark_down(index, exc)
+                continue
+            if self._down_until[index]:
+                logger.info("read replica {} is back; reads go to it again", self._names[index])
+                self._down_until[index] = 0.0
+            return session
+        return self.primary()
+
+    def _mark_down(self, index: int, exc: BaseException) -> None:
+        if self._down_until[index] == 0.0:
+            logger.warning("read replica {} unavailable ({}); its reads go to the primary for {:.0f}s",
+                           self._names[index], type(exc).__name__, self._cooloff)
+        else:
+            logger.info("read replica {} still unavailable ({})", self._names[index], type(exc).__name__)
+        self._down_until[index] = time.monotonic() + self._cooloff
+
+
+async def _close_quietly(session: AsyncSession) -> None:
+    try:
+        await session.close()
+    except Exception as exc:  # the connection is already gone; nothing to give back
+        logger.debug("closing a failed read session: {}", type(exc).__name__)
 
 
 AfterCommit = Callable[[], Awaitable[None] | None]

@@ -16,12 +16,13 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from loguru import logger
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.db import database_unavailable
 from core.errors import AppError
 
 
@@ -92,7 +93,9 @@ def is_unavailable(exc: BaseException) -> bool:
         return False
     if isinstance(exc, OperationalError | PoolTimeout | ConnectionError | TimeoutError | OSError):
         return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+    # e.g. "the database system is starting up / shutting down" while PostgreSQL restarts: asyncpg's
+    # SQLSTATE 57P03 arrives as a plain DBAPIError, not flagged as a lost connection.
+    return database_unavailable(exc)
 
 
 class ErrorMiddleware:

@@ -41,29 +41,50 @@ class Module:
         """Event name -> the task names this module runs for it."""
         return {event.name: [t.name for t in handlers] for event, handlers in self.subscriptions.items()}
 
+    @property
+    def actors(self) -> list[str]:
+        """Names of its tasks and event handlers, each once, in declaration order."""
+        names = [t.name for t in self.tasks] + [t.name for hs in self.subscriptions.values() for t in hs]
+        return list(dict.fromkeys(names))
 
-def import_module(name: str) -> Module:
+
+def import_module(name: str, package: str = "modules") -> Module:
+    """``<package>.<name>.module:MODULE`` (``package`` is a parameter for tests and ``verify``)."""
     if not name.isidentifier():
         raise ModuleError(f"module name {name!r} is not a valid Python identifier")
+    folder = f"{package.replace('.', '/')}/{name}"
     try:
-        package = importlib.import_module(f"modules.{name}.module")
+        loaded = importlib.import_module(f"{package}.{name}.module")
     except ModuleNotFoundError as exc:
-        if exc.name in (f"modules.{name}", f"modules.{name}.module"):
-            raise ModuleError(f"module {name!r} not found: expected modules/{name}/module.py") from None
+        if exc.name in (f"{package}.{name}", f"{package}.{name}.module"):
+            raise ModuleError(f"module {name!r} not found: expected {folder}/module.py") from None
         raise
-    module = getattr(package, "MODULE", None)
+    module = getattr(loaded, "MODULE", None)
     if not isinstance(module, Module):
-        raise ModuleError(f"modules/{name}/module.py must define MODULE = Module(...)")
+        raise ModuleError(f"{folder}/module.py must define MODULE = Module(...)")
     if module.name != name:
-        raise ModuleError(f"modules/{name}/module.py declares name {module.name!r}; expected {name!r}")
+        raise ModuleError(f"{folder}/module.py declares name {module.name!r}; expected {name!r}")
     return module
 
 
-def load_modules(names: Sequence[str]) -> list[Module]:
+def select_modules(modules: Sequence[Module], names: Sequence[str], setting: str) -> list[Module]:
+    """The loaded modules named in ``names`` (all of them when empty), in load order.
+
+    ``setting`` names where the list came from (``ATRIUM_WORKER_MODULES``) for the error message.
+    """
+    loaded = [m.name for m in modules]
+    for name in names:
+        if name not in loaded:
+            raise ModuleError(f"{setting}: module {name!r} is not enabled "
+                              f"(ATRIUM_MODULES={','.join(loaded)})")
+    return [m for m in modules if not names or m.name in names]
+
+
+def load_modules(names: Sequence[str], package: str = "modules") -> list[Module]:
     """Import the enabled modules and order them so each comes after what it depends on."""
     if len(set(names)) != len(names):
         raise ModuleError(f"a module is listed twice in ATRIUM_MODULES={','.join(names)}")
-    found = {name: import_module(name) for name in names}
+    found = {name: import_module(name, package) for name in names}
     for module in found.values():
         for dep in module.depends_on:
             if dep not in found:

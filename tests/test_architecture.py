@@ -29,6 +29,7 @@ from containers import build_container
 from core.db import Base
 from core.logging import configure_logging
 from core.module import Module, import_module, load_modules
+from core.verify import verify
 from tests.conftest import make_settings
 from tests.support.db import table_names
 
@@ -113,6 +114,14 @@ def test_every_module_package_declares_its_module(name: str) -> None:
 
 
 # --- the container -----------------------------------------------------------------------------------
+
+
+def test_atrium_modules_verify_finds_nothing() -> None:
+    """The rules of `atrium modules verify` (cycles, imports, dependencies, actors, tables, container)
+    hold for every module package, enabled or not (tests/unit/test_module_verify.py tests each rule)."""
+    violations = verify(module_packages(), REPO, build=lambda mods: build_container(make_settings(), mods))
+
+    assert [str(v) for v in violations] == []
 
 
 def test_the_default_container_has_every_dependency_satisfied() -> None:

@@ -165,6 +165,82 @@ def test_a_bad_production_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert line.startswith("atrium: ATRIUM_")
 
 
+def test_modules_verify_passes_on_the_project(tmp_path: Path) -> None:
+    result = ok(run_cli("modules", "verify", database_url=sqlite_file_url(tmp_path / "unused.db")))
+
+    assert result.stdout.startswith("modules verify: ok (billing, items, users; rules: load, cycle, import")
+    assert not (tmp_path / "unused.db").exists()
+
+
+def test_modules_docs_check_passes_on_the_committed_file(tmp_path: Path) -> None:
+    result = ok(run_cli("modules", "docs", "--check", database_url=sqlite_file_url(tmp_path / "x.db")))
+
+    assert result.stdout.strip().endswith("docs/modules.md is up to date")
+
+
+def test_modules_docs_check_fails_on_a_stale_file(tmp_path: Path) -> None:
+    stale = tmp_path / "modules.md"
+    stale.write_text("# Modules\n")
+
+    result = run_cli("modules", "docs", "--check", "--output", str(stale),
+                     database_url=sqlite_file_url(tmp_path / "x.db"))
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"atrium: {stale} is stale: run `atrium modules docs` and commit it"
+    assert stale.read_text() == "# Modules\n"  # --check writes nothing
+
+
+# --- modules per process ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("command", "setting"), [("worker", "WORKER"), ("serve", "API")])
+def test_process_modules_must_be_enabled(tmp_path: Path, command: str, setting: str) -> None:
+    result = run_cli(command, "--modules", "billing", database_url=sqlite_file_url(tmp_path / "x.db"),
+                     ATRIUM_MODULES="users,items")
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"atrium: ATRIUM_{setting}_MODULES: module 'billing' is not enabled (ATRIUM_MODULES=users,items)"
+    ]
+
+
+def test_a_worker_module_needs_its_dependencies_enabled(tmp_path: Path) -> None:
+    result = run_cli("worker", "--modules", "billing", database_url=sqlite_file_url(tmp_path / "x.db"),
+                     ATRIUM_MODULES="items,billing")
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "atrium: module 'billing' depends on 'users', which is not enabled (ATRIUM_MODULES=items,billing)"
+    ]
+
+
+def test_a_billing_only_worker_runs_only_the_billing_actors(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    url = sqlite_file_url(tmp_path / "worker.db")
+    ok(run_cli("migrate", database_url=url))
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("ATRIUM_")}
+    environment.update({"ATRIUM_ENV": "test", "ATRIUM_DATABASE_URL": url, "ATRIUM_SECRET_KEY": TEST_SECRET,
+                        "ATRIUM_WORKER_METRICS_PORT": "0", "ATRIUM_LOG_LEVEL": "INFO"})
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "main", "worker", "--modules", "billing",
+                                    "--threads", "1"], cwd=REPO, env=environment, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "worker started" not in log_path.read_text() and process.poll() is None:
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=60)
+
+    assert "worker started: tasks=billing.charge_payment,billing.send_receipt" in log_path.read_text()
+    assert status == 0, log_path.read_text()
+
+
 # --- create-admin ---------------------------------------------------------------------------------
 
 

@@ -66,6 +66,7 @@ def test_a_generated_module_runs_migrates_and_passes_its_tests(tmp_path: Path) -
     created = _run(project, "python", "-m", "main", "new-module", "widgets")
     assert created.returncode == 0, created.stderr
     assert "created modules/widgets/router.py" in created.stdout
+    assert "## widgets" in (project / "docs" / "modules.md").read_text()  # the docs follow at once
     enabled = {"ATRIUM_MODULES": "users,items,billing,widgets"}
 
     for check in (("ruff", "check", "modules/widgets", "tests/modules"), ("lint-imports",)):
@@ -84,8 +85,10 @@ def test_a_generated_module_runs_migrates_and_passes_its_tests(tmp_path: Path) -
     assert "widgets.WidgetCreated -> widgets.announce_created" in described.stdout
     assert "route  POST    /api/v1/widgets" in described.stdout
 
-    tests = _run(project, "python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                 "tests/modules/widgets", "tests/test_architecture.py", **enabled)
+    verified = _run(project, "python", "-m", "main", "modules", "verify", **enabled)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    tests = _run(project, "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/modules/widgets",
+                 "tests/test_architecture.py", "tests/unit/test_module_docs.py", **enabled)
     assert tests.returncode == 0, tests.stdout[-3000:]
     assert "failed" not in tests.stdout
     assert "widgets" in _run(project, "python", "-m", "pytest", "--collect-only", "-q",

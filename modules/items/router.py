@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 
 from core.di import Provided
 from core.errors import Unprocessable
-from core.web import AdminPrincipal, DbSession, TransactionalRoute
+from core.web import AdminPrincipal, DbSession, ReadSession, TransactionalRoute
 from modules.items.schemas import Currency, ItemCreate, ItemPage, ItemRead, ItemUpdate
 from modules.items.service import ItemFilters, ItemService
 
@@ -49,7 +49,7 @@ async def create_item(
 
 @router.get("", response_model=ItemPage, responses={400: {"description": "invalid_cursor"}})
 async def list_items(
-    session: DbSession,
+    session: ReadSession,  # a public catalog page may lag a write by the replication delay
     service: Service,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=512)] = None,

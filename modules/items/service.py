@@ -92,6 +92,10 @@ class ItemService:
         return body
 
     async def _load_json(self, item_id: uuid.UUID) -> bytes | None:
+        # Deliberately the primary, not a read replica: this fills the shared cache, and the first
+        # miss after a PATCH (the invalidation) would otherwise store the replica's pre-write row
+        # under the new generation, for every process, until the TTL. Misses are rare; hits are
+        # what the cache serves (README "Read replicas").
         async with self._sessions() as session:
             row = (await session.execute(self._items.read(item_id))).first()
         return None if row is None else ItemRead.model_validate(row._mapping).model_dump_json().encode()

@@ -10,7 +10,7 @@ from fastapi.security import OAuth2PasswordRequestForm
 
 from core.di import Provided
 from core.ratelimit import LoginRateLimit
-from core.web import CurrentPrincipal, DbSession, TransactionalRoute
+from core.web import CurrentPrincipal, DbSession, ReadSession, TransactionalRoute
 from modules.users.schemas import TokenRead, UserCreate, UserRead
 from modules.users.service import UserService
 
@@ -46,7 +46,8 @@ async def read_me(principal: CurrentPrincipal, session: DbSession, service: Serv
 
 @router.get("/users/{user_id}", response_model=UserRead, responses=_ERRORS)
 async def read_user(
-    user_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession, service: Service
+    user_id: uuid.UUID, principal: CurrentPrincipal, replica: ReadSession, primary: DbSession,
+    service: Service,
 ) -> UserRead:
     """A user by id: yourself, or anyone if you are an admin; 404 otherwise."""
-    return UserRead.model_validate(await service.get_visible(session, principal, user_id))
+    return UserRead.model_validate(await service.get_visible(replica, principal, user_id, confirm_on=primary))

@@ -81,11 +81,20 @@ class UserService:
             raise Unauthorized("The account of this token no longer exists.", code="invalid_token")
         return _to_domain(row)
 
-    async def get_visible(self, session: AsyncSession, principal: Principal, user_id: uuid.UUID) -> User:
-        """A user the caller may see: themselves, or anyone for an admin; 404 otherwise."""
+    async def get_visible(
+        self, session: AsyncSession, principal: Principal, user_id: uuid.UUID,
+        *, confirm_on: AsyncSession | None = None,
+    ) -> User:
+        """A user the caller may see: themselves, or anyone for an admin; 404 otherwise.
+
+        ``session`` may be a read replica's; a user it does not have (a signup it has not replayed
+        yet) is looked up again on ``confirm_on``, the primary, before answering 404.
+        """
         if user_id != principal.user_id and not principal.is_admin:
             raise NotFound("User not found.")
         row = await self._users.get(session, user_id)
+        if row is None and confirm_on is not None and confirm_on is not session:
+            row = await self._users.get(confirm_on, user_id)
         if row is None:
             raise NotFound("User not found.")
         return _to_domain(row)

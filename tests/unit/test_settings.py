@@ -153,6 +153,39 @@ def test_modules_ignore_empty_entries(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings().modules == ("users", "billing")
 
 
+def test_no_read_replicas_by_default() -> None:
+    settings = load_settings()
+
+    assert settings.database_replica_urls == ()
+    assert settings.database_replica_cooloff == 5.0
+    assert settings.database_connect_timeout == 5.0
+
+
+def test_read_replicas_parse_from_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_env(monkeypatch, {
+        "ATRIUM_DATABASE_URL": "postgresql+asyncpg://atrium@db:5432/atrium",
+        "ATRIUM_DATABASE_REPLICA_URLS": " postgresql+asyncpg://atrium@r1:5432/atrium,,"
+                                        "postgresql+asyncpg://atrium@r2:5432/atrium ",
+    })
+
+    assert load_settings().database_replica_urls == (
+        "postgresql+asyncpg://atrium@r1:5432/atrium", "postgresql+asyncpg://atrium@r2:5432/atrium")
+
+
+@pytest.mark.parametrize(("primary", "replicas", "message"), [
+    ("sqlite+aiosqlite:///./var/a.db", "postgresql+asyncpg://atrium@r1/atrium", "needs a PostgreSQL"),
+    ("postgresql+asyncpg://atrium@db/atrium", "mysql://u:hunter2@r1/atrium", "'r1/atrium' is not a Postgre"),
+])
+def test_read_replicas_must_be_postgresql(
+    monkeypatch: pytest.MonkeyPatch, primary: str, replicas: str, message: str
+) -> None:
+    set_env(monkeypatch, {"ATRIUM_DATABASE_URL": primary, "ATRIUM_DATABASE_REPLICA_URLS": replicas})
+
+    with pytest.raises(ConfigError, match=message) as raised:
+        load_settings()
+    assert "hunter2" not in str(raised.value)
+
+
 def test_settings_are_frozen() -> None:
     settings = load_settings()
 
