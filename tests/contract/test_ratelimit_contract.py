@@ -141,23 +141,29 @@ class TestCounting:
     async def test_one_request_is_earned_back_after_the_interval(
         self, limiter: RateLimiter, elapse: Elapse
     ) -> None:
-        fast = policy("5/second")  # one back every 200 ms
-        await hits(limiter, "k", fast, 5)
-        refused = await limiter.hit("k", fast)
+        # One back every second: wide enough that a loaded machine's pause between the two hits
+        # below cannot earn a second request (5/second flaked under load on Redis's real clock).
+        slow = policy("60/minute")
+        await hits(limiter, "k", slow, 60)
+        refused = await limiter.hit("k", slow)
         assert not refused.allowed
-        assert 0 < refused.retry_after <= 0.2
+        assert 0 < refused.retry_after <= 1.0
         await elapse(refused.retry_after + 0.05)
-        assert await hits(limiter, "k", fast, 2) == [True, False]
+        assert await hits(limiter, "k", slow, 2) == [True, False]
 
     async def test_the_full_quota_is_back_after_the_window(
         self, limiter: RateLimiter, elapse: Elapse
     ) -> None:
         fast = policy("5/second")
-        assert await hits(limiter, "k", fast, 6) == [True] * 5 + [False]
+        assert (await hits(limiter, "k", fast, 6))[:5] == [True] * 5
         await elapse(1.1)
+        started = time.monotonic()
         decisions = [await limiter.hit("k", fast) for _ in range(6)]
-        assert [d.allowed for d in decisions] == [True] * 5 + [False]
+        took = time.monotonic() - started
+        assert [d.allowed for d in decisions[:5]] == [True] * 5
         assert decisions[0].remaining == 4
+        if took < 0.18:  # a loaded machine may take a whole interval (200 ms) and earn one back
+            assert not decisions[5].allowed
 
 
 class TestConcurrency:
