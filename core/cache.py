@@ -285,7 +285,9 @@ class RedisCache:
             url,
             max_connections=max_connections,
             socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
+            # A burst opens many connections at once; on a busy host their handshakes can take
+            # longer than a command may. Refused connections (Redis down) still fail at once.
+            socket_connect_timeout=max(socket_timeout, 2.0),
             health_check_interval=30,
         )
         return cls(client, namespace=namespace)
