@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Benchmark ``GET /api/v1/items/{id}`` on the production profile against bare FastAPI baselines.
+"""Benchmark ``GET /api/v1/items/{id}`` and ``POST /api/v1/items`` on the production profile
+against bare FastAPI baselines, plus 2 workers vs 1 and the worker's memory after 100k/200k requests.
 
 Everything it needs it builds, and everything it builds it removes (in ``finally``, Ctrl-C
 included): a private PostgreSQL database ``atrium_bench_<random>``, Redis keys under a private
-namespace, two product servers (cache on, cache off), one baseline server and their logs.
+namespace, four product servers (cache on, cache off, two workers, a fresh one for the memory
+run), one baseline server and their logs. The issue's targets are printed as PASS/FAIL.
 
-    python bench/run.py            # 3 rounds x 10 s per target (about 3 minutes)
-    python bench/run.py --quick    # smoke: 1 round x 2 s per target (under a minute)
+    python bench/run.py            # 3 rounds x 10 s per target + the memory run (about 10 minutes)
+    python bench/run.py --quick    # smoke: 1 round x 2 s per target, memory run scaled down
 
 See bench/README.md for what each row measures and how to read the ratios.
 """
@@ -310,6 +312,22 @@ def parse_wrk(output: str) -> Sample:
     )
 
 
+# POST /items: the same JSON body on every request (names need not be unique), a bearer token.
+POST_LUA = """\
+wrk.method = "POST"
+wrk.body = '%(body)s'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %(token)s"
+"""
+POST_BODY = {"name": "Bench posted item", "description": "Created by wrk.", "price": 1999, "currency": "EUR"}
+
+# The issue's targets: a row's req/s over its baseline's, at least this much.
+RATIO_GOALS = {"warm": 0.60, "cold": 0.75, "post": 0.70, "warm-2w": 1.70}
+P99_OVER_P50_MAX = 3.0
+PEAK_RSS_MAX_MB = 150.0
+RSS_GROWTH_MAX_MB = 2.0  # "no growth" between the two milestones, within allocator noise
+
+
 @dataclass
 class Target:
     key: str
@@ -319,6 +337,8 @@ class Target:
     rotate: bool = False
     baseline: str | None = None  # key of the target this one is compared with
     note: str = ""
+    script: Path | None = None  # a wrk Lua script of its own (POST)
+    product: bool = False  # a product row: its p99/p50 is held to the target
     samples: list[Sample] = field(default_factory=list)
 
 
@@ -334,6 +354,8 @@ class Wrk:
                 "--latency", "--timeout", "10s"]
         if target.rotate:
             return [*argv, "-s", str(self.script), target.base + "/", "--", target.path]
+        if target.script is not None:
+            return [*argv, "-s", str(target.script), target.base + target.path]
         return [*argv, target.base + target.path]
 
     def run(self, target: Target, seconds: float) -> Sample:
@@ -360,12 +382,13 @@ class Config:
     quick: bool
     output: Path
     keep_logs: bool
+    memory_requests: int  # the first RSS milestone; the second is twice as many
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
     parser = argparse.ArgumentParser(
         prog="bench/run.py",
-        description="GET /api/v1/items/{id} on the production profile vs bare FastAPI baselines.",
+        description="GET and POST /api/v1/items on the production profile vs bare FastAPI baselines.",
     )
     parser.add_argument("--quick", action="store_true", help="smoke mode: 1 round x 2 s per target")
     parser.add_argument("--rounds", type=int, help="rounds per target (default 3; quick 1)")
@@ -377,6 +400,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--output", type=Path,
                         help="results path without suffix (default bench/results/latest; quick: .../quick)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (path printed)")
+    parser.add_argument("--memory-requests", type=int,
+                        help="RSS read after this many warm GETs and twice as many (default 100000; "
+                             "quick 10000; 0 skips the memory run)")
     args = parser.parse_args(argv)
     quick = args.quick
     config = Config(
@@ -389,6 +415,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         quick=quick,
         output=args.output or RESULTS / ("quick" if quick else "latest"),
         keep_logs=args.keep_logs,
+        memory_requests=(args.memory_requests if args.memory_requests is not None
+                         else (10_000 if quick else 100_000)),
     )
     if config.rounds < 1 or config.duration <= 0 or config.threads < 1 or config.connections < config.threads:
         parser.error("rounds >= 1, duration > 0, threads >= 1 and connections >= threads are required")
@@ -410,6 +438,9 @@ class Bench:
         self.item_json = b""
         self.item_ids: list[str] = []
         self.cache_checks: dict[str, dict[str, float]] = {}
+        self.token = ""
+        self.secret_key = secrets.token_urlsafe(48)
+        self.memory: dict[str, Any] = {}
         self.started = datetime.now(UTC)
 
     # environment
@@ -418,13 +449,20 @@ class Bench:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ATRIUM_")}
         env.update(
             ATRIUM_ENV="production",
-            ATRIUM_SECRET_KEY=secrets.token_urlsafe(48),
+            ATRIUM_SECRET_KEY=self.secret_key,  # one for all servers: a token works on each
             ATRIUM_DATABASE_URL=f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{self.database}",
             ATRIUM_REDIS_URL=REDIS_URL,
             ATRIUM_BROKER_URL=REDIS_URL,
             ATRIUM_CACHE_NAMESPACE=self.namespace,
             ATRIUM_BROKER_NAMESPACE=self.namespace,
             ATRIUM_SMTP_HOST="127.0.0.1",
+            # Required in production; the benchmark never reaches the payment provider.
+            ATRIUM_PAYMENTS_URL="http://127.0.0.1:9",
+            ATRIUM_PAYMENTS_API_KEY="bench-" + secrets.token_hex(8),
+            ATRIUM_PAYMENTS_WEBHOOK_SECRET=secrets.token_urlsafe(24),
+            # The rate limiter stays on (every request pays its Redis round trip), with a quota
+            # wrk cannot exhaust: one client address sends everything.
+            ATRIUM_RATE_LIMITS='{"default": "100000000/minute"}',
             ATRIUM_LOG_LEVEL="WARNING",
             PYTHONUNBUFFERED="1",
         )
@@ -470,9 +508,9 @@ class Bench:
                     [*atrium, "create-admin", "--email", ADMIN_EMAIL, "--password", password], env)
         return password
 
-    def serve_product(self, name: str, port: int, env: dict[str, str]) -> Proc:
+    def serve_product(self, name: str, port: int, env: dict[str, str], workers: int = 1) -> Proc:
         argv = [*atrium_command(self.python), "serve", "--host", "127.0.0.1", "--port", str(port),
-                "--workers", "1"]
+                "--workers", str(workers)]
         return self.start(name, argv, env)
 
     def serve_baseline(self, port: int) -> Proc:
@@ -490,8 +528,8 @@ class Bench:
                                {"Content-Type": "application/x-www-form-urlencoded"})
         if status != 200:
             raise BenchError(f"login failed: HTTP {status} {body[:300]!r}")
-        auth = {"Authorization": "Bearer " + json.loads(body)["access_token"],
-                "Content-Type": "application/json"}
+        self.token = json.loads(body)["access_token"]
+        auth = {"Authorization": "Bearer " + self.token, "Content-Type": "application/json"}
         for n in range(self.config.items):
             item = {"name": f"Bench item {n:05d}", "description": "A benchmark item, served by id.",
                     "price": 1999, "currency": "EUR"}
@@ -506,8 +544,17 @@ class Bench:
         say(f"{len(self.item_ids)} items created through the API; payload {len(body)} bytes: {body.decode()}")
 
     def check_same_bytes(self, targets: Sequence[Target]) -> None:
-        """Every target must answer the seeded item with the product's exact bytes."""
+        """Every GET target must answer the seeded item with the product's exact bytes; every POST
+        target must create an item (201) with the same fields."""
         for target in targets:
+            if target.script is not None:
+                headers = {"Authorization": "Bearer " + self.token, "Content-Type": "application/json"}
+                status, _, body = http("POST", target.base + target.path, json.dumps(POST_BODY).encode(),
+                                       headers)
+                fields = json.loads(body) if status == 201 else {}
+                if status != 201 or any(fields.get(k) != v for k, v in POST_BODY.items()):
+                    raise BenchError(f"{target.label}: POST answered HTTP {status} {body[:300]!r}")
+                continue
             url = target.base + (target.path + self.item_ids[0] if target.rotate else target.path)
             status, _, body = http("GET", url)
             if status != 200 or body != self.item_json:
@@ -519,6 +566,32 @@ class Bench:
         ids = ", ".join(f'"{i}"' for i in self.item_ids)
         script.write_text(ROTATE_LUA % {"ids": ids, "threads": self.config.threads})
         return script
+
+    def write_post_script(self) -> Path:
+        script = self.workdir / "post.lua"
+        script.write_text(POST_LUA % {"body": json.dumps(POST_BODY), "token": self.token})
+        return script
+
+    def measure_memory(self, wrk: Wrk, target: Target, proc: Proc) -> None:
+        """RSS of a fresh one-worker product after N and 2N warm GETs (wrk in chunks until each
+        milestone is passed; the count is wrk's, so a milestone is overshot by under one chunk)."""
+        c = self.config
+        first = c.memory_requests
+        chunk = 2.0 if c.quick else 5.0
+        pid = worker_pid(proc.popen.pid)
+        figures: dict[str, Any] = {"pid": pid, "start": rss_mb(pid), "milestones": []}
+        done = 0
+        say(f"memory: {first:,} then {2 * first:,} warm GETs on a fresh server (pid {pid})")
+        for milestone in (first, 2 * first):
+            while done < milestone:
+                sample = wrk.run(target, chunk)
+                if sample.errors:
+                    raise BenchError(f"memory run: {target.label} answered errors: {sample}")
+                done += sample.requests
+            figures["milestones"].append({"requests": done, **rss_mb(pid)})
+            say(f"memory: after {done:,} requests VmRSS {figures['milestones'][-1]['rss_mb']:.1f} MB, "
+                f"VmHWM {figures['milestones'][-1]['hwm_mb']:.1f} MB")
+        self.memory = figures
 
     def measure(self, wrk: Wrk, targets: list[Target], products: dict[str, str]) -> None:
         c = self.config
@@ -548,38 +621,54 @@ class Bench:
         warm_env = self.product_env()
         password = self.prepare_schema(warm_env)
         cold_env = self.product_env(ATRIUM_CACHE_BACKEND="none")
-        ports = {name: free_port() for name in ("warm", "cold", "baseline")}
+        ports = {name: free_port() for name in ("warm", "cold", "warm2", "mem", "baseline")}
         warm = self.serve_product("product-warm", ports["warm"], warm_env)
         cold = self.serve_product("product-cold", ports["cold"], cold_env)
+        warm2 = self.serve_product("product-warm-2w", ports["warm2"], warm_env, workers=2)
+        mem = self.serve_product("product-mem", ports["mem"], warm_env) if c.memory_requests else None
         base = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         wait_ready(warm, base["warm"] + "/health/ready")
         wait_ready(cold, base["cold"] + "/health/ready")
+        wait_ready(warm2, base["warm2"] + "/health/ready")
+        if mem is not None:
+            wait_ready(mem, base["mem"] + "/health/ready")
         self.seed(base["warm"], password)
         baseline = self.serve_baseline(ports["baseline"])
         wait_ready(baseline, f"{base['baseline']}/items/{self.item_ids[0]}")
-        say("servers up: product (cache on) :{warm}, product (cache off) :{cold}, baselines :{baseline}"
-            .format(**ports))
+        say("servers up: product (cache on) :{warm}, product (cache off) :{cold}, product 2 workers "
+            ":{warm2}, product for the memory run :{mem}, baselines :{baseline}".format(**ports))
+        post_script = self.write_post_script()
 
         item0 = self.item_ids[0]
         targets = [
             Target("bare", "bare FastAPI (same payload)", base["baseline"], f"/items/{item0}",
                    note="fixed pydantic model, no middleware, no DI, no I/O"),
             Target("warm", "product, warm cache (Redis)", base["warm"], f"{API}/items/{item0}",
-                   baseline="bare", note="one item, served from Redis"),
+                   baseline="bare", note="one item, served from Redis", product=True),
+            Target("warm-2w", "product, warm cache, 2 workers", base["warm2"], f"{API}/items/{item0}",
+                   baseline="warm", note="atrium serve --workers 2, vs the one-worker row", product=True),
             Target("asyncpg", "raw asyncpg FastAPI", base["baseline"], "/db/items/", rotate=True,
                    note=f"one SELECT by primary key per request, rotating over {c.items} items"),
             Target("cold", "product, cold (cache off: PostgreSQL)", base["cold"], f"{API}/items/",
-                   rotate=True, baseline="asyncpg",
+                   rotate=True, baseline="asyncpg", product=True,
                    note=f"ATRIUM_CACHE_BACKEND=none, rotating over {c.items} items"),
             Target("cold-one-id", "product, cold, one id (single flight)", base["cold"],
                    f"{API}/items/{item0}", baseline="asyncpg",
                    note="informational: concurrent misses on one key share one database read"),
+            Target("asyncpg-post", "raw asyncpg FastAPI, POST", base["baseline"], "/db/items",
+                   script=post_script, note="validate, one INSERT in one transaction, commit, 201"),
+            Target("post", "product, POST /items", base["warm"], f"{API}/items", script=post_script,
+                   baseline="asyncpg-post", product=True,
+                   note="admin token, validate, insert, commit (ItemService.create writes no outbox row)"),
         ]
         self.check_same_bytes(targets)
         wrk = Wrk(wrk_binary, c.threads, c.connections, self.write_script())
         say(f"measuring: {c.rounds} round(s) x {c.duration:g} s per target, "
             f"wrk -t{c.threads} -c{c.connections}, targets in alternation")
         self.measure(wrk, targets, {"warm": base["warm"], "cold": base["cold"]})
+        if mem is not None:
+            self.measure_memory(wrk, Target("mem", "product, warm cache (memory run)", base["mem"],
+                                            f"{API}/items/{item0}"), mem)
         for proc in self.procs:
             if not proc.alive():
                 raise BenchError(f"{proc.name} died during the run:\n{proc.tail()}")
@@ -604,8 +693,12 @@ class Bench:
                 "rps_max": round(max(rps), 1),
                 "p50_ms_median": round(statistics.median(s.p50_ms for s in t.samples), 3),
                 "p99_ms_median": round(statistics.median(s.p99_ms for s in t.samples), 3),
+                "p99_over_p50": round(statistics.median(s.p99_ms / max(s.p50_ms, 1e-9) for s in t.samples),
+                                      2),
+                "product": t.product,
                 "baseline": t.baseline,
                 "ratio": None,
+                "ratio_goal": RATIO_GOALS.get(t.key),
                 "errors": sum(s.errors for s in t.samples),
                 "rounds": [asdict(s) for s in t.samples],
             })
@@ -613,20 +706,52 @@ class Bench:
             if row["baseline"]:
                 row["ratio"] = round(row["rps_median"] / medians[row["baseline"]], 3)
         return {
-            "benchmark": "GET /api/v1/items/{id}",
+            "checks": self.checks(rows),
+            "memory": self.memory,
+            "benchmark": "GET and POST /api/v1/items",
             "started": self.started.isoformat(timespec="seconds"),
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
             "mode": "quick" if c.quick else "full",
             "settings": {
                 "rounds": c.rounds, "duration_s": c.duration, "warmup_s": c.warmup,
                 "wrk_threads": c.threads, "wrk_connections": c.connections, "items": c.items,
-                "product_profile": "production (PostgreSQL, Redis cache, Redis broker), 1 uvicorn worker",
+                "product_profile": "production (PostgreSQL, Redis cache, Redis broker, Redis rate limiter), "
+                                   "1 uvicorn worker (2 for the 2-worker row)",
                 "wrk_command": " ".join(wrk.argv(targets[1], c.duration)),
             },
             "cache_lookups_during_rounds": self.cache_checks,
             "machine": machine_facts(self.python),
             "rows": rows,
         }
+
+    def checks(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The issue's targets, each PASS or FAIL with the figure it was judged on."""
+        labels = {row["key"]: row["target"] for row in rows}
+        checks: list[dict[str, Any]] = []
+        for row in rows:
+            goal = row["ratio_goal"]
+            if goal is not None:
+                checks.append({"check": f"{row['target']}: req/s vs {labels[row['baseline']]}",
+                               "goal": f">= {goal:.2f}x", "value": f"{row['ratio']:.2f}x",
+                               "pass": row["ratio"] >= goal and not row["errors"]})
+        for row in rows:
+            if row["product"]:
+                checks.append({"check": f"{row['target']}: p99 / p50", "goal": f"<= {P99_OVER_P50_MAX:g}",
+                               "value": f"{row['p99_over_p50']:.2f}",
+                               "pass": row["p99_over_p50"] <= P99_OVER_P50_MAX})
+        if self.memory:
+            first, second = self.memory["milestones"]
+            scaled = " (quick: scaled down)" if self.config.quick else ""
+            peak = max(first["hwm_mb"], second["hwm_mb"])
+            checks.append({"check": f"peak RSS of the API worker, {second['requests']:,} warm GETs{scaled}",
+                           "goal": f"<= {PEAK_RSS_MAX_MB:g} MB", "value": f"{peak:.1f} MB",
+                           "pass": peak <= PEAK_RSS_MAX_MB})
+            growth = second["rss_mb"] - first["rss_mb"]
+            checks.append({"check": f"RSS growth from {first['requests']:,} to {second['requests']:,} "
+                                    f"warm GETs{scaled}",
+                           "goal": f"<= {RSS_GROWTH_MAX_MB:g} MB", "value": f"{growth:+.1f} MB",
+                           "pass": growth <= RSS_GROWTH_MAX_MB})
+        return checks
 
     def cleanup(self) -> None:
         for proc in reversed(self.procs):
@@ -649,6 +774,26 @@ class Bench:
             say(f"logs kept in {self.workdir}")
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def worker_pid(pid: int) -> int:
+    """The process serving requests: ``pid`` itself, or its child when uvicorn forked one."""
+    with suppress(OSError):
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if children:
+            return int(children[0])
+    return pid
+
+
+def rss_mb(pid: int) -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak) of ``pid`` in MB, from /proc/<pid>/status."""
+    figures = {"rss_mb": 0.0, "hwm_mb": 0.0}
+    with suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                figures["rss_mb" if name == "VmRSS" else "hwm_mb"] = round(int(value.split()[0]) / 1024, 1)
+    return figures
 
 
 def _version(argv: Sequence[str]) -> str:
@@ -704,21 +849,38 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"## {result['benchmark']}: product vs bare FastAPI ({result['mode']} run)",
         "",
-        f"Production profile, one uvicorn worker per server; `wrk -t{s['wrk_threads']} "
+        "Production profile, one uvicorn worker per server (two for the 2-worker row); "
+        f"`wrk -t{s['wrk_threads']} "
         f"-c{s['wrk_connections']} -d{s['duration_s']:g}s --latency`, {s['rounds']} round(s) per target "
         f"in alternation after a {s['warmup_s']:g} s warm-up; medians over rounds.",
         "",
-        "| target | req/s (median) | req/s min-max | p50 | p99 | ratio vs baseline |",
-        "|---|---:|---:|---:|---:|---|",
+        "| target | req/s (median) | req/s min-max | p50 | p99 | p99/p50 | ratio vs baseline | goal |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in result["rows"]:
         ratio = "baseline" if row["ratio"] is None else f"{row['ratio']:.2f}x {labels[row['baseline']]}"
         errors = f" ⚠ {row['errors']} errors" if row["errors"] else ""
+        goal = ""
+        if row.get("ratio_goal") is not None:
+            verdict = "PASS" if row["ratio"] >= row["ratio_goal"] else "FAIL"
+            goal = f">= {row['ratio_goal']:.2f}x: {verdict}"
         lines.append(
             f"| {row['target']}{errors} | {row['rps_median']:,.0f} "
             f"| {row['rps_min']:,.0f}-{row['rps_max']:,.0f} "
-            f"| {row['p50_ms_median']:.2f} ms | {row['p99_ms_median']:.2f} ms | {ratio} |"
+            f"| {row['p50_ms_median']:.2f} ms | {row['p99_ms_median']:.2f} ms | {row['p99_over_p50']:.2f} "
+            f"| {ratio} | {goal} |"
         )
+    memory = result.get("memory") or {}
+    if memory:
+        lines += ["", f"Memory run (a fresh one-worker product, warm GETs; pid {memory['pid']}): at start "
+                  f"VmRSS {memory['start']['rss_mb']:.1f} MB; " + "; ".join(
+                      f"after {m['requests']:,} requests VmRSS {m['rss_mb']:.1f} MB, "
+                      f"VmHWM {m['hwm_mb']:.1f} MB"
+                      for m in memory["milestones"]) + "."]
+    lines += ["", "| target (issue \"Performance\") | goal | measured | result |", "|---|---|---|---|"]
+    for check in result.get("checks", []):
+        lines.append(f"| {check['check']} | {check['goal']} | {check['value']} | "
+                     f"{'PASS' if check['pass'] else 'FAIL'} |")
     checks = result.get("cache_lookups_during_rounds") or {}
     if checks:
         lines += ["", "Cache lookups during the measured rounds (product `/metrics`): " + "; ".join(

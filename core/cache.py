@@ -26,6 +26,8 @@ import redis.asyncio as aioredis
 from pydantic import TypeAdapter, ValidationError
 from redis.exceptions import RedisError
 
+from core.redis_batch import ScriptBatcher
+
 T = TypeVar("T")
 
 GEN_TTL = 7 * 24 * 3600.0
@@ -271,7 +273,8 @@ class RedisCache:
         self._client = client
         self._namespace = namespace
         # Registering is local; each call runs EVALSHA and loads the script on NOSCRIPT.
-        self._get_current = client.register_script(_GET_CURRENT)
+        # The hot read is auto-pipelined: concurrent reads share one round trip (core.redis_batch).
+        self._get_current = ScriptBatcher(client, _GET_CURRENT)
         self._set_current = client.register_script(_SET_CURRENT)
         self._invalidate = client.register_script(_INVALIDATE)
 
@@ -332,7 +335,7 @@ class RedisCache:
     async def get_current(self, key: str) -> tuple[int, bytes | None]:
         full = self._key(key)
         with _unavailable_on_error():
-            generation, value = await self._get_current(keys=[_gen_key(full)], args=[_value_prefix(full)])
+            generation, value = await self._get_current((_gen_key(full),), (_value_prefix(full),))
         return int(generation), value
 
     async def set_current(self, key: str, generation: int, value: bytes, ttl: float | None = None) -> bool:

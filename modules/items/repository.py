@@ -6,12 +6,16 @@ import uuid
 from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.repository import Repository
+from modules.items.domain import Item
 from modules.items.models import ItemRow
 
 _t = ItemRow.__table__.c
+# Built once: values come as parameters, so the compiled form is cached (no per-call .values()).
+_INSERT = insert(ItemRow.__table__)
 
 
 class ItemRepository(Repository[ItemRow]):
@@ -41,6 +45,14 @@ class ItemRepository(Repository[ItemRow]):
         if currency is not None:
             stmt = stmt.where(ItemRow.currency == currency)
         return stmt.order_by(ItemRow.id).limit(limit + 1)
+
+    async def insert(self, session: AsyncSession, item: Item, name_key: str) -> None:
+        """One Core INSERT of a new item (flushed now: a constraint error surfaces here)."""
+        await session.execute(_INSERT, {
+            "id": item.id, "name": item.name, "name_key": name_key, "description": item.description,
+            "price": item.price, "currency": item.currency, "version": item.version,
+            "created_at": item.created_at, "updated_at": item.updated_at,
+        })
 
     def prices(self, ids: Collection[uuid.UUID]) -> Select[tuple[uuid.UUID, str, int, str]]:
         return select(_t.id, _t.name, _t.price, _t.currency).where(_t.id.in_(list(ids)))
