@@ -65,6 +65,19 @@ async def _closing_broker(broker: Broker) -> AsyncIterator[Broker]:
         await asyncio.to_thread(broker.close)
 
 
+def _pool_options(s: Settings) -> dict[str, Any]:
+    """The engine options the primary and every replica share."""
+    return {
+        "pool_size": s.database_pool_size,
+        "max_overflow": s.database_max_overflow,
+        "pool_timeout": s.database_pool_timeout,
+        "pool_recycle": s.database_pool_recycle,
+        "pool_pre_ping": s.database_pool_pre_ping,
+        "echo": s.database_echo,
+        "connect_timeout": s.database_connect_timeout,
+    }
+
+
 class Core(containers.DeclarativeContainer):
     """Infrastructure every module may ask for, by these provider names."""
 
@@ -72,30 +85,12 @@ class Core(containers.DeclarativeContainer):
     settings = providers.Dependency(instance_of=Settings)
     modules = providers.Dependency(instance_of=list)
 
-    engine = providers.Singleton(
-        db.create_engine,
-        url=settings.provided.database_url,
-        pool_size=settings.provided.database_pool_size,
-        max_overflow=settings.provided.database_max_overflow,
-        pool_timeout=settings.provided.database_pool_timeout,
-        pool_recycle=settings.provided.database_pool_recycle,
-        pool_pre_ping=settings.provided.database_pool_pre_ping,
-        echo=settings.provided.database_echo,
-        connect_timeout=settings.provided.database_connect_timeout,
-    )
+    engine = providers.Singleton(lambda s: db.create_engine(s.database_url, **_pool_options(s)), settings)
     sessions = providers.Singleton(db.session_factory, engine)
     # Read replicas: one engine per URL with the primary's pool options; ``read_sessions`` spreads
     # read-only use cases over them and falls back to ``sessions`` (none configured, or all down).
     replica_engines = providers.Singleton(
-        db.create_engines,
-        settings.provided.database_replica_urls,
-        pool_size=settings.provided.database_pool_size,
-        max_overflow=settings.provided.database_max_overflow,
-        pool_timeout=settings.provided.database_pool_timeout,
-        pool_recycle=settings.provided.database_pool_recycle,
-        pool_pre_ping=settings.provided.database_pool_pre_ping,
-        echo=settings.provided.database_echo,
-        connect_timeout=settings.provided.database_connect_timeout,
+        lambda s: db.create_engines(s.database_replica_urls, **_pool_options(s)), settings
     )
     read_sessions = providers.Singleton(
         db.ReadSessions, sessions, replica_engines, cooloff=settings.provided.database_replica_cooloff
