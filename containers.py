@@ -75,6 +75,7 @@ def _pool_options(s: Settings) -> dict[str, Any]:
         "pool_pre_ping": s.database_pool_pre_ping,
         "echo": s.database_echo,
         "connect_timeout": s.database_connect_timeout,
+        "ping_after": s.database_pool_ping_after,
     }
 
 

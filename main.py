@@ -16,13 +16,14 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from loguru import logger
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from config import ConfigError, Settings, load_settings
 from containers import build_container
+from core.access_log import access_log
 from core.error_handlers import ErrorMiddleware, install_error_handlers
 from core.errors import AppError
 from core.health import router as health_router
@@ -32,6 +33,7 @@ from core.middleware import RequestContextMiddleware
 from core.module import Module, ModuleError, load_modules, select_modules
 from core.queue import ping_broker
 from core.ratelimit import RateLimitMiddleware
+from core.web import add_routes
 
 API_PREFIX = "/api/v1"
 
@@ -62,12 +64,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.providers = {}
     install_error_handlers(app)
 
-    app.include_router(health_router)
-    api = APIRouter(prefix=API_PREFIX)
+    # One flat route table (core.web.add_routes): no nested routers to walk on every request.
+    add_routes(app.router, health_router)
     for module in served:
         if module.router is not None:
-            api.include_router(module.router)
-    app.include_router(api)
+            add_routes(app.router, module.router, prefix=API_PREFIX)
 
     # Added innermost first: RequestContext -> metrics -> ErrorMiddleware -> RateLimit -> routes
     # (a 429 carries the request id and is counted like any other response).
@@ -122,6 +123,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await asyncio.to_thread(worker.stop)
         await container.shutdown_resources()  # disposes the pool, closes cache and broker
         logger.info("atrium stopped")
+        access_log().flush()
 
 
 # --- command line ---------------------------------------------------------------------------

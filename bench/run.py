@@ -463,7 +463,7 @@ class Bench:
             # The rate limiter stays on (every request pays its Redis round trip), with a quota
             # wrk cannot exhaust: one client address sends everything.
             ATRIUM_RATE_LIMITS='{"default": "100000000/minute"}',
-            ATRIUM_LOG_LEVEL="WARNING",
+            # Production's own log level (INFO): every request writes its access line.
             PYTHONUNBUFFERED="1",
         )
         env.update(extra)

@@ -99,11 +99,17 @@ class Settings(BaseSettings):
 
     # Database
     database_url: str = ""
-    database_pool_size: int = Field(10, ge=1)
-    database_max_overflow: int = Field(10, ge=0)
+    # Connections kept open per process. Overflow connections are closed as soon as they are
+    # returned, so under sustained load beyond the pool each request would open one (bench/README.md):
+    # the pool is sized for the steady state (as asyncpg's own pool, 20) and overflow is opt-in.
+    database_pool_size: int = Field(20, ge=1)
+    database_max_overflow: int = Field(0, ge=0)
     database_pool_timeout: float = Field(5.0, gt=0)
     database_pool_recycle: int = 1800
     database_pool_pre_ping: bool = True
+    # With pre-ping on, a pooled connection's socket is checked on every checkout; one idle this many
+    # seconds or more is also pinged with a round trip (core.db._Pinger). 0 = ping every checkout.
+    database_pool_ping_after: float = Field(1.0, ge=0)
     database_connect_timeout: float = Field(5.0, gt=0)  # PostgreSQL: seconds to open a connection
     database_echo: bool = False
     # Read replicas (README "Read replicas"): comma-separated URLs of hot standbys of database_url.

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from pydantic import TypeAdapter, ValidationError
 from redis.exceptions import RedisError
 
-from core.redis_batch import ScriptBatcher
+from core.redis_batch import PipelinedConnection, PipelinedScript
 
 T = TypeVar("T")
 
@@ -273,8 +273,9 @@ class RedisCache:
         self._client = client
         self._namespace = namespace
         # Registering is local; each call runs EVALSHA and loads the script on NOSCRIPT.
-        # The hot read is auto-pipelined: concurrent reads share one round trip (core.redis_batch).
-        self._get_current = ScriptBatcher(client, _GET_CURRENT)
+        # The hot read goes through one lean pipelined connection, not redis-py (core.redis_batch).
+        self._fast = PipelinedConnection.like(client)
+        self._get_current = PipelinedScript(self._fast, _GET_CURRENT)
         self._set_current = client.register_script(_SET_CURRENT)
         self._invalidate = client.register_script(_INVALIDATE)
 
@@ -364,6 +365,7 @@ class RedisCache:
             await self._client.ping()
 
     async def aclose(self) -> None:
+        await self._fast.aclose()
         await self._client.aclose()
 
 

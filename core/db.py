@@ -13,7 +13,7 @@ import itertools
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,9 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql import Executable
 from sqlalchemy.types import TypeDecorator
-from sqlalchemy.util.concurrency import await_
+from sqlalchemy.util.concurrency import await_, greenlet_spawn
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -91,11 +92,14 @@ def create_engine(
     pool_pre_ping: bool = True,
     echo: bool = False,
     connect_timeout: float | None = None,
+    ping_after: float = 1.0,
 ) -> AsyncEngine:
     """An async engine with the pool settings exposed; SQLite gets WAL and a busy timeout.
 
     ``connect_timeout`` bounds establishing a PostgreSQL connection (asyncpg waits 60 s by default):
     with a server that does not answer, a request then fails (503) after at most that long.
+    ``pool_pre_ping`` checks a PostgreSQL connection as it leaves the pool (``_Pinger``): its socket
+    always, a round trip only after ``ping_after`` seconds idle.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -129,17 +133,122 @@ def create_engine(
         pool_pre_ping=False,
     )
     if pool_pre_ping:
-        event.listen(engine.sync_engine, "checkout", _ping_on_checkout)
+        pinger = _Pinger(ping_after)
+        event.listen(engine.sync_engine, "checkout", pinger.checkout)
+        event.listen(engine.sync_engine, "checkin", pinger.checkin)
     return engine
 
 
-def _ping_on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-    """Pessimistic disconnect handling in one round trip: a connection the server dropped (a
-    restart, an idle timeout) fails its ``;`` and the pool replaces it before the request uses it."""
-    try:
-        await_(dbapi_connection._connection.fetchrow(";"))
-    except Exception as exc:
-        raise DisconnectionError(f"pre-ping failed: {type(exc).__name__}: {exc}") from exc
+class _Pinger:
+    """Pessimistic disconnect handling without a round trip per request.
+
+    A connection the server closed (a restart, ``pg_terminate_backend``, an idle timeout) has its
+    socket closed too, which asyncpg notices at once: ``is_closed()`` is checked on every checkout
+    and the pool replaces such a connection before the request uses it. Only a connection idle for
+    ``ping_after`` seconds or more (a socket a firewall may have dropped silently) also pays a ``;``
+    round trip. A connection in steady use skips it: that round trip was a fifth of a database
+    read's cost (bench/README.md). ``ping_after=0`` pings on every checkout.
+    """
+
+    _LAST_USED = "atrium.last_used"
+
+    def __init__(self, ping_after: float) -> None:
+        self.ping_after = ping_after
+
+    def checkout(self, dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        driver = dbapi_connection._connection
+        if driver.is_closed():
+            raise DisconnectionError("the server closed the connection")
+        if time.monotonic() - record.info.get(self._LAST_USED, 0.0) < self.ping_after:
+            return
+        try:
+            await_(driver.fetchrow(";"))
+        except Exception as exc:
+            raise DisconnectionError(f"pre-ping failed: {type(exc).__name__}: {exc}") from exc
+
+    def checkin(self, _dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info[self._LAST_USED] = time.monotonic()
+
+
+class _Compiled:
+    """A statement compiled for one dialect: its SQL, and per positional parameter its name and the
+    column type's bind processor (what SQLAlchemy would apply to the value)."""
+
+    __slots__ = ("binds", "sql")
+
+    def __init__(self, statement: Executable, dialect: Any) -> None:
+        query = statement.compile(dialect=dialect)
+        self.sql: str = query.string
+        self.binds = tuple(
+            (name, query.binds[name].type.bind_processor(dialect)) for name in query.positiontup or ()
+        )
+
+    def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(values[name] if process is None else process(values[name])
+                     for name, process in self.binds)
+
+
+class _PerDialect:
+    def __init__(self, statement: Executable) -> None:
+        self.statement = statement
+        self._compiled: dict[str, _Compiled] = {}
+
+    def compiled(self, dialect: Any) -> _Compiled:
+        compiled = self._compiled.get(dialect.name)
+        if compiled is None:
+            compiled = self._compiled[dialect.name] = _Compiled(self.statement, dialect)
+        return compiled
+
+
+class DirectRead(_PerDialect):
+    """A read-only Core ``SELECT`` run straight on the driver, compiled once per dialect.
+
+    On PostgreSQL each call checks a connection out of the engine's pool (pre-ping included),
+    runs the compiled SQL with asyncpg's ``fetchrow`` (a prepared statement, cached per connection)
+    and checks it back in, in autocommit: no session, no transaction, no SQLAlchemy execution
+    context or result processing. A database read spent three quarters of its time in those
+    (bench/README.md). Rows are the driver's records (mappings by column name), so it is only for
+    columns whose SQLAlchemy type converts nothing on the way out on PostgreSQL (uuid, text,
+    integers, ``UTCDateTime``: asyncpg already returns aware datetimes); tests compare both paths.
+    On any other database (SQLite in development) it is an ordinary Core execution in autocommit.
+    Parameters are ``bindparam`` names: ``DirectRead(select(...).where(t.id == bindparam("id")))``.
+    """
+
+    async def one(self, engine: AsyncEngine, **params: Any) -> Any | None:
+        """The first row (a mapping by column name) or None."""
+        if engine.dialect.driver != "asyncpg":
+            async with engine.connect() as connection:
+                autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+                row = (await autocommit.execute(self.statement, params)).first()
+            return None if row is None else row._mapping
+        compiled = self.compiled(engine.dialect)
+        connection = await engine.raw_connection()
+        try:
+            return await connection.driver_connection.fetchrow(compiled.sql, *compiled.parameters(params))
+        except BaseException as exc:
+            if isinstance(exc, Exception) and database_unavailable(exc):
+                connection.invalidate(exc)  # a dead connection must not go back to the pool
+            raise
+        finally:
+            await greenlet_spawn(connection.close)  # back to the pool (checkin may talk to the server)
+
+
+class DirectWrite(_PerDialect):
+    """A Core ``INSERT``/``UPDATE``/``DELETE`` compiled once per dialect and sent with
+    ``exec_driver_sql`` on the session's connection, inside the session's transaction.
+
+    Values go through the columns' bind processors as SQLAlchemy would send them, and errors are
+    SQLAlchemy's (``IntegrityError``, ...). What is skipped is the per-execution work of the ORM
+    session and of the Core statement (compile-cache lookup, execution context): most of the
+    non-network cost of a one-row insert (bench/README.md). The session still owns the
+    transaction: the request edge commits or rolls it back as for any other statement.
+    """
+
+    async def run(self, session: AsyncSession, **params: Any) -> None:
+        connection = await session.connection()
+        compiled = self.compiled(connection.dialect)
+        await connection.exec_driver_sql(compiled.sql, compiled.parameters(params))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -157,6 +266,8 @@ def _sqlite_begin(connection: Any) -> None:
     # IMMEDIATE takes the write lock up front: a read-then-write transaction can then never fail
     # with "database is locked" because another connection wrote in between. SQLite serves
     # development, where serialised transactions cost nothing that matters.
+    if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+        return  # a one-statement read (core.db.DirectRead): no transaction, no write lock
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from loguru import logger
 
+from core import access_log
 from core.context import request_id_var
 
 _DEV_FORMAT = (
@@ -59,7 +60,8 @@ def _json_line(record: Any) -> str:
 
 
 def configure_logging(level: str = "INFO", json: bool = False, enqueue: bool = True) -> None:
-    """Install the single sink; safe to call more than once (tests build several apps)."""
+    """Install the single sink (and the access log, same stream and format, at INFO and below);
+    safe to call more than once (tests build several apps)."""
     logger.remove()
     logger.configure(patcher=_patch, extra={"request_id": "-"})
     if json:
@@ -78,7 +80,8 @@ def configure_logging(level: str = "INFO", json: bool = False, enqueue: bool = T
         std.handlers = [_InterceptHandler()]
         std.propagate = False
         std.setLevel(std_level)
-    # Our middleware writes the access log; uvicorn's would duplicate it.
+    access_log.configure(json=json, enabled=logger.level(level.upper()).no <= logger.level("INFO").no)
+    # Our middleware writes the access log (core.access_log); uvicorn's would duplicate it.
     logging.getLogger("uvicorn.access").disabled = True
     # SQLAlchemy turns on its (very chatty) mapper and pool logging when INFO is enabled; SQL
     # echo has its own switch (ATRIUM_DATABASE_ECHO).

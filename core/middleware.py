@@ -1,16 +1,17 @@
 """Pure ASGI middleware: request id and access log.
 
 Written against the raw ASGI interface rather than ``BaseHTTPMiddleware``, which wraps every
-response body in an extra task and stream and costs a large share of throughput.
+response body in an extra task and stream and costs a large share of throughput. The access line
+is handed to ``core.access_log``, which formats and writes it off the request path.
 """
 
 from __future__ import annotations
 
 import time
 
-from loguru import logger
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.access_log import access_log
 from core.context import accept_request_id, request_id_var
 
 REQUEST_ID_HEADER = b"x-request-id"
@@ -49,6 +50,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             if self.access_log:
-                elapsed_ms = (time.perf_counter() - started) * 1000
-                logger.info("{} {} {} {:.1f}ms", scope["method"], scope["path"], status, elapsed_ms)
+                log = access_log()
+                if log.enabled:
+                    log.record(scope["method"], scope["path"], status,
+                               (time.perf_counter() - started) * 1000, request_id)
             request_id_var.reset(token)

@@ -6,16 +6,22 @@ import uuid
 from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import Select, insert, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Select, bindparam, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from core.db import DirectRead, DirectWrite
 from core.repository import Repository
 from modules.items.domain import Item
 from modules.items.models import ItemRow
 
 _t = ItemRow.__table__.c
-# Built once: values come as parameters, so the compiled form is cached (no per-call .values()).
-_INSERT = insert(ItemRow.__table__)
+# Compiled once per dialect; every column is a parameter (core.db.DirectWrite).
+_INSERT = DirectWrite(insert(ItemRow.__table__))
+# The hot read (a cache miss), compiled once and run on the driver directly (core.db.DirectRead).
+_READ = DirectRead(
+    select(_t.id, _t.name, _t.description, _t.price, _t.currency, _t.created_at, _t.updated_at)
+    .where(_t.id == bindparam("item_id"))
+)
 
 
 class ItemRepository(Repository[ItemRow]):
@@ -48,17 +54,15 @@ class ItemRepository(Repository[ItemRow]):
 
     async def insert(self, session: AsyncSession, item: Item, name_key: str) -> None:
         """One Core INSERT of a new item (flushed now: a constraint error surfaces here)."""
-        await session.execute(_INSERT, {
-            "id": item.id, "name": item.name, "name_key": name_key, "description": item.description,
-            "price": item.price, "currency": item.currency, "version": item.version,
-            "created_at": item.created_at, "updated_at": item.updated_at,
-        })
+        await _INSERT.run(
+            session, id=item.id, name=item.name, name_key=name_key, description=item.description,
+            price=item.price, currency=item.currency, version=item.version,
+            created_at=item.created_at, updated_at=item.updated_at,
+        )
 
     def prices(self, ids: Collection[uuid.UUID]) -> Select[tuple[uuid.UUID, str, int, str]]:
         return select(_t.id, _t.name, _t.price, _t.currency).where(_t.id.in_(list(ids)))
 
-    def read(self, item_id: uuid.UUID) -> Select[Any]:
-        """The public columns of one item as a Core statement: the hot read loads no ORM entity."""
-        return select(
-            _t.id, _t.name, _t.description, _t.price, _t.currency, _t.created_at, _t.updated_at
-        ).where(_t.id == item_id)
+    async def read(self, engine: AsyncEngine, item_id: uuid.UUID) -> Any | None:
+        """The public columns of one item (a mapping) or None: no ORM entity, no session."""
+        return await _READ.one(engine, item_id=item_id)

@@ -6,7 +6,7 @@ import hashlib
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from core.di import Provided
 from core.errors import Unprocessable
@@ -43,7 +43,8 @@ async def create_item(
 ) -> ItemRead:
     """Add an item (admins only). Prices are integer minor units."""
     item = await service.create(session, body)
-    response.headers["Location"] = str(request.url_for("read_item", item_id=item.id))
+    # The new item's URL is this one plus its id: url_for("read_item") would walk the route table.
+    response.headers["Location"] = f"{str(request.url.replace(query='')).rstrip('/')}/{item.id}"
     return ItemRead.model_validate(item)
 
 
@@ -68,19 +69,24 @@ async def list_items(
     return ItemPage(items=[ItemRead.model_validate(i) for i in items], next_cursor=next_cursor)
 
 
+# If-None-Match is read from the request rather than declared as a Header() parameter, which costs
+# FastAPI's parameter machinery ~25 µs on the hottest route (bench/README.md); documented the same.
+_IF_NONE_MATCH = {"in": "header", "name": "if-none-match", "required": False,
+                  "schema": {"anyOf": [{"type": "string"}, {"type": "null"}], "title": "If-None-Match"}}
+
+
 @router.get(
     "/{item_id}",
     response_model=ItemRead,
     responses={304: {"description": "not modified"}, 404: {"description": "not found"}},
+    openapi_extra={"parameters": [_IF_NONE_MATCH]},
 )
-async def read_item(
-    item_id: uuid.UUID, service: Service, if_none_match: Annotated[str | None, Header()] = None
-) -> Response:
+async def read_item(item_id: uuid.UUID, service: Service, request: Request) -> Response:
     """One item, served from the cache when warm; supports ``If-None-Match`` (304)."""
     body = await service.read_json(item_id)
     etag = etag_of(body)
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if _matches(if_none_match, etag):
+    if _matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     return Response(body, media_type=_JSON, headers=headers)
 

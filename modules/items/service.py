@@ -91,11 +91,9 @@ class ItemService:
         # miss after a PATCH (the invalidation) would otherwise store the replica's pre-write row
         # under the new generation, for every process, until the TTL. Misses are rare; hits are
         # what the cache serves (README "Read replicas").
-        # One statement, nothing to commit: AUTOCOMMIT spares the BEGIN and ROLLBACK round trips.
-        async with self._sessions() as session:
-            connection = await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-            row = (await connection.execute(self._items.read(item_id))).first()
-        return None if row is None else ItemRead.model_validate(row._mapping).model_dump_json().encode()
+        # One statement, nothing to commit: autocommit, straight on the driver (core.db.DirectRead).
+        row = await self._items.read(self._sessions.kw["bind"], item_id)
+        return None if row is None else ItemRead.model_validate(dict(row)).model_dump_json().encode()
 
     async def list(
         self, session: AsyncSession, filters: ItemFilters, limit: int, cursor: str | None
