@@ -91,7 +91,10 @@ class Core(containers.DeclarativeContainer):
     # Read replicas: one engine per URL with the primary's pool options; ``read_sessions`` spreads
     # read-only use cases over them and falls back to ``sessions`` (none configured, or all down).
     replica_engines = providers.Singleton(
-        lambda s: db.create_engines(s.database_replica_urls, **_pool_options(s)), settings
+        # Always pinged on checkout (ping_after=0): ReadSessions learns that a replica is down from
+        # that ping and sends the read to the primary; a skipped ping would make the read fail.
+        lambda s: db.create_engines(s.database_replica_urls, **{**_pool_options(s), "ping_after": 0.0}),
+        settings
     )
     read_sessions = providers.Singleton(
         db.ReadSessions, sessions, replica_engines, cooloff=settings.provided.database_replica_cooloff
