@@ -67,7 +67,6 @@ class AccessLog:
         self._interval = interval
         self._batch = batch
         self._entries: deque[Entry] = deque(maxlen=capacity)
-        self._capacity = capacity
         self._appended = 0  # how many entries were ever appended; read with the count written
         self._written = 0
         self._dropped = 0

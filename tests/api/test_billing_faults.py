@@ -55,8 +55,8 @@ from tests.api.conftest import (
 from tests.api.test_billing_api import INVOICES, new_invoice, new_item, pay, settled
 from tests.conftest import TEST_SECRET, make_settings, migrated
 from tests.support.gateway import GatewayServer
-from tests.support.redis_server import RedisServer, redis_server_available
-from tests.support.services import REDIS_URL, in_ci, require
+from tests.support.redis_server import RedisServer, require_redis_server
+from tests.support.services import REDIS_URL, require
 from tests.support.smtp import SmtpServer
 
 CHARGE_TASK = "billing.charge_payment"
@@ -414,10 +414,7 @@ async def test_a_worker_killed_after_charging_completes_the_payment_once_after_r
 async def test_a_payment_accepted_while_the_broker_is_down_is_charged_once_it_is_back(
     tmp_path: Path, pg_database_factory: Callable[[], Awaitable[str]]
 ) -> None:
-    if not redis_server_available():
-        if in_ci():
-            pytest.fail("redis-server is not installed; CI requires it", pytrace=False)
-        pytest.skip("redis-server is not installed")
+    require_redis_server("the private broker")
     with RedisServer() as broker:
         async with private_production(tmp_path, pg_database_factory, broker_url=broker.url) as env:
             async with env.api() as stack:

@@ -57,8 +57,7 @@ from tests.api.test_billing_faults import (
 from tests.api.test_users_api import assert_envelope
 from tests.conftest import make_settings, migrated
 from tests.support.pg_cluster import PgCluster, require_pg_cluster
-from tests.support.redis_server import RedisServer, redis_server_available
-from tests.support.services import in_ci
+from tests.support.redis_server import RedisServer, require_redis_server
 from tests.support.smtp import free_port
 
 POOL_TIMEOUT = 1.0
@@ -251,18 +250,10 @@ async def test_postgres_restarted_under_load_recovers_without_restarting_the_app
 # --- 2. the Redis cache stopped and started again ----------------------------------------------
 
 
-def _require_redis_server() -> None:
-    if redis_server_available():
-        return
-    if in_ci():
-        pytest.fail("redis-server is needed for the private cache", pytrace=False)
-    pytest.skip("redis-server not installed")
-
-
 @pytest.mark.slow
 @pytest.mark.redis
 async def test_cache_down_item_reads_bypass_it_and_use_it_again_once_back(tmp_path: Path) -> None:
-    _require_redis_server()
+    require_redis_server("the private cache")
     with RedisServer() as redis:
         settings = make_settings(
             database_url=f"sqlite+aiosqlite:///{tmp_path / 'cache.db'}",

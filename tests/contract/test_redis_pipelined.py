@@ -27,8 +27,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from core.cache import CacheUnavailable, RedisCache
 from core.ratelimit import RateLimiterUnavailable, RedisRateLimiter, parse_policy
 from core.redis_batch import PipelinedConnection, PipelinedScript
-from tests.support.redis_server import RedisServer, redis_server_available
-from tests.support.services import REDIS_URL, in_ci, require
+from tests.support.redis_server import RedisServer, require_redis_server
+from tests.support.services import REDIS_URL, require
 from tests.support.smtp import free_port
 
 pytestmark = pytest.mark.redis
@@ -45,12 +45,13 @@ def url_with_db(url: str, db: int) -> str:
     return url.rsplit("/", 1)[0] + f"/{db}"
 
 
-def require_redis_server() -> None:
-    if redis_server_available():
-        return
-    if in_ci():
-        pytest.fail("redis-server is needed for a private server", pytrace=False)
-    pytest.skip("redis-server not installed")
+async def pings_then_close(connection: PipelinedConnection, count: int) -> list[object]:
+    """``count`` concurrent PINGs, each reply or exception, then the connection closed."""
+    try:
+        return await asyncio.gather(*(connection.execute("PING") for _ in range(count)),
+                                    return_exceptions=True)
+    finally:
+        await connection.aclose()
 
 
 def server_pid(url: str) -> int:
@@ -95,7 +96,7 @@ async def connection() -> AsyncIterator[PipelinedConnection]:
 
 @pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
-    require_redis_server()
+    require_redis_server("a private server")
     with RedisServer() as server:
         yield server
 
@@ -225,11 +226,7 @@ async def test_the_password_and_user_of_the_clients_url_are_sent(private_redis: 
 async def test_a_closed_port_fails_every_caller_with_connection_error_at_once() -> None:
     connection = PipelinedConnection("127.0.0.1", free_port(), timeout=5.0, connect_timeout=5.0)
     started = time.monotonic()
-    try:
-        results = await asyncio.gather(*(connection.execute("PING") for _ in range(5)),
-                                       return_exceptions=True)
-    finally:
-        await connection.aclose()
+    results = await pings_then_close(connection, 5)
 
     assert all(isinstance(r, RedisConnectionError) for r in results), results
     assert time.monotonic() - started < 1.0
@@ -378,11 +375,7 @@ async def test_a_server_that_never_replies_times_out(db: int) -> None:
     with socket.create_server(("127.0.0.1", 0)) as hung:  # accepts via the kernel backlog only
         connection = PipelinedConnection("127.0.0.1", hung.getsockname()[1], db=db, timeout=0.2)
         started = time.monotonic()
-        try:
-            results = await asyncio.gather(*(connection.execute("PING") for _ in range(10)),
-                                           return_exceptions=True)
-        finally:
-            await connection.aclose()
+        results = await pings_then_close(connection, 10)
         took = time.monotonic() - started
 
     assert all(isinstance(r, RedisTimeoutError) for r in results), results

@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import pytest
+
+from tests.support.services import in_ci
 from tests.support.smtp import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -21,6 +24,15 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 def redis_server_available() -> bool:
     return Path(REDIS_SERVER).is_file()
+
+
+def require_redis_server(needed_for: str) -> None:
+    """Skip the test when redis-server is not installed; under CI=true, fail it instead."""
+    if redis_server_available():
+        return
+    if in_ci():
+        pytest.fail(f"redis-server is needed for {needed_for}", pytrace=False)
+    pytest.skip("redis-server not installed")
 
 
 class RedisServer:

@@ -49,6 +49,15 @@ def wait_for(condition: Callable[[], bool], within: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+def in_threads(count: int, work: Callable[[int], None]) -> None:
+    """``work(t)`` for t in 0..count-1, each in its own thread; returns when all have finished."""
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(count)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+
 def lines_of(stream: io.StringIO) -> list[str]:
     return stream.getvalue().splitlines()
 
@@ -261,11 +270,7 @@ def test_written_and_reported_lines_account_for_every_recorded_one(make_log: Mak
         for i in range(per_thread):
             log.record("GET", f"/{t}/{i}", 200, 1.0, "req")
 
-    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    in_threads(threads, work)
     log.close()
 
     lines = lines_of(stream)
@@ -350,11 +355,7 @@ def test_records_from_several_threads_are_all_written(make_log: MakeLog) -> None
         for i in range(per_thread):
             log.record("GET", f"/{t}/{i}", 200, 1.0, f"thread-{t}")
 
-    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    in_threads(threads, work)
     log.close()
 
     lines = lines_of(stream)
