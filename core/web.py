@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from core.db import commit, database_unavailable, rollback
 from core.di import provide, provided_path
 from core.errors import Forbidden, Unauthorized
+from core.lean_route import Handler, lean_app
 from core.security import InvalidToken, Principal
 
 _DEFAULT_LIFESPAN = type(APIRouter().lifespan_context)  # what a router without a lifespan has
@@ -127,25 +128,30 @@ class TransactionalRoute(APIRoute):
     """Commits the request's session after the endpoint succeeds and before the response is sent.
 
     The one commit of a request lives here; a 4xx/5xx response or an exception rolls back. Its
-    endpoints' ``Provided`` parameters are resolved directly (``_resolve_provided``).
+    endpoints' ``Provided`` parameters are resolved directly (``_resolve_provided``), and ordinary
+    requests are handled by ``core.lean_route`` rather than FastAPI's generic handler.
     """
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, _resolve_provided(endpoint), **kwargs)
+        # The ordinary request takes the lean handler; anything unusual FastAPI's (core.lean_route).
+        self.app = lean_app(self, self.app, around=_transactional)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
+        return _transactional(super().get_route_handler())
 
-        async def run(request: Request) -> Response:
-            try:
-                response = await handler(request)
-            except BaseException:
-                await _finish(request, ok=False)
-                raise
-            await _finish(request, ok=response.status_code < 400)
-            return response
 
-        return run
+def _transactional(handler: Handler) -> Handler:
+    async def run(request: Request) -> Response:
+        try:
+            response = await handler(request)
+        except BaseException:
+            await _finish(request, ok=False)
+            raise
+        await _finish(request, ok=response.status_code < 400)
+        return response
+
+    return run
 
 
 async def _finish(request: Request, *, ok: bool) -> None:
