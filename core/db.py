@@ -29,6 +29,8 @@ from sqlalchemy.sql import Executable
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.util.concurrency import await_, greenlet_spawn
 
+from core.fair_pool import FairQueuePool
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -124,6 +126,7 @@ def create_engine(
             "server_settings": {"plan_cache_mode": "force_custom_plan"},
             **({"timeout": connect_timeout} if connect_timeout is not None else {}),
         },
+        poolclass=FairQueuePool,  # waiting checkouts served in arrival order (core.fair_pool)
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=pool_timeout,
