@@ -10,9 +10,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.routing import APIRoute
+from fastapi.routing import _get_scope_effective_route_context as _effective_context
 from fastapi.security import OAuth2PasswordBearer
 from loguru import logger
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.routing import Match
+from starlette.types import Scope
 
 from core.db import commit, database_unavailable, rollback
 from core.di import provide, provided_path
@@ -136,6 +139,21 @@ class TransactionalRoute(APIRoute):
         super().__init__(path, _resolve_provided(endpoint), **kwargs)
         # The ordinary request takes the lean handler; anything unusual FastAPI's (core.lean_route).
         self.app = lean_app(self, self.app, around=_transactional)
+
+        # What the path must start with (up to its first parameter), or be, for the route to match.
+        literal, _, _ = self.path.partition("{")
+        self._literal, self._exact = literal, literal == self.path
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        # The router tries every route in turn with its regex (and FastAPI's route-context lookup):
+        # most are ruled out by a string comparison first. Same answers, since the regex is
+        # anchored at the literal prefix. Under a root path, or reached through an included
+        # router (whose prefix the route's own path lacks), the full check is made.
+        if not scope.get("root_path") and _effective_context(scope) is None:
+            path: str = scope["path"]
+            if path != self._literal if self._exact else not path.startswith(self._literal):
+                return Match.NONE, {}
+        return super().matches(scope)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         return _transactional(super().get_route_handler())

@@ -425,3 +425,28 @@ async def test_the_lifespan_of_a_flattened_router_still_runs() -> None:
     async with app.router.lifespan_context(app):
         assert events == ["started"]
     assert events == ["started", "stopped"]
+
+
+# --- matching: a string comparison first, the same answers ----------------------------------------
+
+
+_PATHS = [
+    "/api/v1/items", "/api/v1/items/", "/api/v1/items/0197", "/api/v1/items/0197/x", "/api/v1/itemsx",
+    "/api/v1/users/me", "/api/v1/users/0197", "/api/v1/invoices/0197/payments", "/api/v1/invoices/0197/void",
+    "/api/v1/invoices/0197/voids", "/api/v1/payments/", "/health/live", "/", "/api/v2/items/0197",
+]
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PATCH", "DELETE"])
+@pytest.mark.parametrize("root_path", ["", "/atrium"])
+def test_transactional_routes_match_as_fastapi_routes_do(
+    flat_and_nested: tuple[FastAPI, FastAPI], method: str, root_path: str
+) -> None:
+    app, _ = flat_and_nested
+    routes = [r for r in app.router.routes if isinstance(r, TransactionalRoute)]
+    assert len(routes) > 10
+    for path, route in itertools.product(_PATHS, routes):
+        scope = {"type": "http", "method": method, "path": root_path + path, "root_path": root_path}
+        fast, fast_scope = route.matches(dict(scope))
+        full, full_scope = APIRoute.matches(route, dict(scope))
+        assert (fast, fast_scope) == (full, full_scope), (method, path, route.path)
