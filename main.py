@@ -128,11 +128,18 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         access_log().flush()
 
 
+_heap_frozen = False
+
+
 def _freeze_startup_heap() -> None:
     """Moves everything built at start-up (modules, the app, the container, the pool) out of the
     garbage collector's sight: a full collection then scans what requests left behind instead of
     about 120k long-lived objects, about 80 ms here, which showed as the latency tail
-    (bench/README.md)."""
+    (bench/README.md). Once per process: a process that starts many apps (the tests) pays it once."""
+    global _heap_frozen
+    if _heap_frozen:
+        return
+    _heap_frozen = True
     gc.collect()
     gc.freeze()
 

@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.sql import Executable
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.util.concurrency import await_, greenlet_spawn
@@ -249,9 +249,13 @@ class DirectWrite(_PerDialect):
     """
 
     async def run(self, session: AsyncSession, **params: Any) -> None:
-        connection = await session.connection()
+        # One hop into the session's greenlet for the checkout, the BEGIN and the statement.
+        await session.run_sync(self._run, params)
+
+    def _run(self, session: Session, params: dict[str, Any]) -> None:
+        connection = session.connection()
         compiled = self.compiled(connection.dialect)
-        await connection.exec_driver_sql(compiled.sql, compiled.parameters(params))
+        connection.exec_driver_sql(compiled.sql, compiled.parameters(params))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -414,13 +418,27 @@ def on_commit(session: AsyncSession, hook: AfterCommit) -> None:
         hooks.append(hook)
 
 
-async def commit(session: AsyncSession) -> None:
-    """Commit, then run the after-commit hooks; the only commit in the code base."""
-    await session.commit()
+async def commit(session: AsyncSession, *, close: bool = False) -> None:
+    """Commit, then run the after-commit hooks; the only commit in the code base.
+
+    ``close=True`` also closes the session (always, even when the commit fails), in the same hop
+    into SQLAlchemy's greenlet as the commit: the request edge's end of a transaction.
+    """
+    if close:
+        await greenlet_spawn(_commit_and_close, session.sync_session)
+    else:
+        await session.commit()
     for hook in session.info.pop("after_commit", []):
         result = hook()
         if inspect.isawaitable(result):
             await result
+
+
+def _commit_and_close(session: Session) -> None:
+    try:
+        session.commit()
+    finally:
+        session.close()
 
 
 async def rollback(session: AsyncSession) -> None:

@@ -21,6 +21,7 @@ import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from fastapi._body_limit import get_body_limit_error
 from fastapi._compat import Undefined
 from fastapi.datastructures import DefaultPlaceholder
 from fastapi.dependencies.models import Dependant
@@ -29,7 +30,9 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError, ResponseValidationError
 from fastapi.routing import APIRoute, _extract_endpoint_context
 from fastapi.utils import is_body_allowed_for_status_code
+from starlette._exception_handler import wrap_app_handling_exceptions
 from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -56,6 +59,8 @@ def _plain(dependant: Dependant, *, top: bool) -> bool:
         return False
     if dependant.body_params and not top:
         return False
+    if not top and dependant.scope is not None:  # FastAPI caches per call *and* scope; _solve per call
+        return False
     if not top and not _is_async(dependant.call):
         return False
     return all(_plain(sub, top=False) for sub in dependant.dependencies)
@@ -66,8 +71,7 @@ def _qualifies(route: APIRoute) -> bool:
     strict = route.strict_content_type
     return (
         (strict.value if isinstance(strict, DefaultPlaceholder) else strict) is True
-        and
-        inspect.iscoroutinefunction(route.dependant.call)
+        and inspect.iscoroutinefunction(route.dependant.call)
         and not inspect.isasyncgenfunction(route.dependant.call)
         and not route.is_sse_stream and not route.is_json_stream
         and route.max_body_size is None
@@ -157,13 +161,26 @@ def lean_app(route: APIRoute, generic: ASGIApp,
                 if name == b"content-type":
                     content_type = value
                     break
-            # Anything but plain JSON (a form, no content type, another charset): FastAPI's path.
+            # A form, another media type or charset: FastAPI's path. (None: the lean path answers
+            # as FastAPI does, the body being rejected as bytes.)
             if content_type is not None and content_type not in _JSON_TYPES:
                 await generic(scope, receive, send)
                 return
         request = Request(scope, receive, send)
-        response = await handler(request)
+        try:
+            response = await handler(request)
+        except Exception as exc:
+            # As FastAPI: the route's exception handlers get the request the endpoint had (its body read).
+            await wrap_app_handling_exceptions(_raising(exc), request)(scope, receive, send)
+            return
         await response(scope, receive, send)
+
+    return app
+
+
+def _raising(exc: Exception) -> ASGIApp:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise exc
 
     return app
 
@@ -228,13 +245,10 @@ def _context(endpoint: Any, route: APIRoute, request: Request) -> Any:
 async def _read_json(request: Request, endpoint: Any, route: APIRoute) -> Any:
     try:
         body = await request.body()
-    except Exception as exc:  # a client that went away mid-body, as FastAPI answers it
-        raise HTTPException(status_code=400, detail="There was an error parsing the body") from exc
-    if not body:
-        return Undefined
-    if request.headers.get("content-type") is None:
-        return body  # strict content type: bytes, which the model rejects, as FastAPI
-    try:
+        if not body:
+            return Undefined
+        if request.headers.get("content-type") is None:
+            return body  # strict content type: bytes, which the model rejects, as FastAPI
         return json.loads(body)
     except json.JSONDecodeError as exc:
         raise RequestValidationError(
@@ -242,3 +256,9 @@ async def _read_json(request: Request, endpoint: Any, route: APIRoute) -> Any:
               "input": {}, "ctx": {"error": exc.msg}}],
             body=exc.doc, endpoint_ctx=_context(endpoint, route, request),
         ) from exc
+    except HTTPException:
+        raise  # a body size limit's 413
+    except Exception as exc:  # a client gone mid-body, a body not UTF-8 or nested too deep: as FastAPI
+        if MAX_BODY_SIZE_SCOPE_KEY in request.scope and (error := get_body_limit_error(exc)):
+            raise error from exc
+        raise HTTPException(status_code=400, detail="There was an error parsing the body") from exc

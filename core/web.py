@@ -178,13 +178,13 @@ async def _finish(request: Request, *, ok: bool) -> None:
     try:
         if session is None:
             return
-        try:
-            if ok:
-                await commit(session)
-            else:
+        if ok:
+            await commit(session, close=True)  # closed even when the commit fails
+        else:
+            try:
                 await rollback(session)
-        finally:
-            await session.close()
+            finally:
+                await session.close()
     finally:
         if reader is not None:
             await _close_reader(reader)
