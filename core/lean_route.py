@@ -203,29 +203,28 @@ def _handler(route: APIRoute) -> Handler:
     async def handle(request: Request) -> Response:
         body: Any = Undefined
         if body_field is not None:
-            body = await _read_json(request, endpoint, route)
+            body = await _read_json(request, route)
         solved = _Solved()
         values = await _solve(dependant, request, solved, body)
         if solved.errors:
             raise RequestValidationError(solved.errors, body=None if body is Undefined else body,
-                                         endpoint_ctx=_context(endpoint, route, request))
+                                         endpoint_ctx=_context(route, request))
         raw = await endpoint(**values)
         if isinstance(raw, Response):
             return raw
-        sub = solved.response
-        code = status_code or (sub.status_code if sub is not None else None)
-        if sub is not None and sub.status_code:
-            code = sub.status_code
+        sub = solved.response  # a dependency's Response parameter: its status code wins, as in FastAPI
+        code = sub.status_code if sub is not None and sub.status_code else status_code
         if response_field is not None:
             value, errors = response_field.validate(raw, {}, loc=("response",))
             if errors:
                 raise ResponseValidationError(errors=errors, body=raw,
-                                              endpoint_ctx=_context(endpoint, route, request))
+                                              endpoint_ctx=_context(route, request))
             content = response_field.serialize_json(value, **serialize)
             response = Response(content, media_type="application/json",
                                 **({"status_code": code} if code is not None else {}))
         else:
-            response = default_class(jsonable_encoder(raw), **({"status_code": code} if code else {}))
+            response = default_class(jsonable_encoder(raw),
+                                     **({"status_code": code} if code is not None else {}))
         if not is_body_allowed_for_status_code(response.status_code):
             response.body = b""
         if sub is not None:
@@ -235,14 +234,14 @@ def _handler(route: APIRoute) -> Handler:
     return handle
 
 
-def _context(endpoint: Any, route: APIRoute, request: Request) -> Any:
-    context = dict(_extract_endpoint_context(endpoint))
+def _context(route: APIRoute, request: Request) -> Any:
+    context = dict(_extract_endpoint_context(route.dependant.call))
     mount_path = request.scope.get("root_path", "").rstrip("/")
     context["path"] = f"{request.method} {mount_path}{route.dependant.path}"
     return context
 
 
-async def _read_json(request: Request, endpoint: Any, route: APIRoute) -> Any:
+async def _read_json(request: Request, route: APIRoute) -> Any:
     try:
         body = await request.body()
         if not body:
@@ -254,7 +253,7 @@ async def _read_json(request: Request, endpoint: Any, route: APIRoute) -> Any:
         raise RequestValidationError(
             [{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
               "input": {}, "ctx": {"error": exc.msg}}],
-            body=exc.doc, endpoint_ctx=_context(endpoint, route, request),
+            body=exc.doc, endpoint_ctx=_context(route, request),
         ) from exc
     except HTTPException:
         raise  # a body size limit's 413
