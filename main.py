@@ -34,6 +34,7 @@ from core.middleware import RequestContextMiddleware
 from core.module import Module, ModuleError, load_modules, select_modules
 from core.queue import ping_broker
 from core.ratelimit import RateLimitMiddleware
+from core.route_index import install_route_index
 from core.web import add_routes
 
 API_PREFIX = "/api/v1"
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ErrorMiddleware)
     install_metrics(app, container.metrics_registry(), pool=container.pool_metrics())
     app.add_middleware(RequestContextMiddleware)
+    install_route_index(app.router)  # a request asks only the routes that can match its path
     return app
 
 

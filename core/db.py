@@ -13,7 +13,7 @@ import itertools
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,11 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-from sqlalchemy.sql import Executable
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy.util.concurrency import await_, greenlet_spawn
 
+from core.direct import AtriumSession, PerDialect, observed
+from core.direct import DirectWrite as DirectWrite  # the repositories' import path for both
 from core.fair_pool import FairQueuePool
 
 NAMING_CONVENTION = {
@@ -174,37 +175,7 @@ class _Pinger:
             record.info[self._LAST_USED] = time.monotonic()
 
 
-class _Compiled:
-    """A statement compiled for one dialect: its SQL, and per positional parameter its name and the
-    column type's bind processor (what SQLAlchemy would apply to the value)."""
-
-    __slots__ = ("binds", "sql")
-
-    def __init__(self, statement: Executable, dialect: Any) -> None:
-        query = statement.compile(dialect=dialect)
-        self.sql: str = query.string
-        self.binds = tuple(
-            (name, query.binds[name].type.bind_processor(dialect)) for name in query.positiontup or ()
-        )
-
-    def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
-        return tuple(values[name] if process is None else process(values[name])
-                     for name, process in self.binds)
-
-
-class _PerDialect:
-    def __init__(self, statement: Executable) -> None:
-        self.statement = statement
-        self._compiled: dict[str, _Compiled] = {}
-
-    def compiled(self, dialect: Any) -> _Compiled:
-        compiled = self._compiled.get(dialect.name)
-        if compiled is None:
-            compiled = self._compiled[dialect.name] = _Compiled(self.statement, dialect)
-        return compiled
-
-
-class DirectRead(_PerDialect):
+class DirectRead(PerDialect):
     """A read-only Core ``SELECT`` run straight on the driver, compiled once per dialect.
 
     On PostgreSQL each call checks a connection out of the engine's pool (pre-ping included),
@@ -214,13 +185,15 @@ class DirectRead(_PerDialect):
     (bench/README.md). Rows are the driver's records (mappings by column name), so it is only for
     columns whose SQLAlchemy type converts nothing on the way out on PostgreSQL (uuid, text,
     integers, ``UTCDateTime``: asyncpg already returns aware datetimes); tests compare both paths.
-    On any other database (SQLite in development) it is an ordinary Core execution in autocommit.
+    On any other database (SQLite in development), or when something listens to the engine's
+    statements (``core.direct.observed``: tracing, statement logs), it is an ordinary Core
+    execution in autocommit.
     Parameters are ``bindparam`` names: ``DirectRead(select(...).where(t.id == bindparam("id")))``.
     """
 
     async def one(self, engine: AsyncEngine, **params: Any) -> Any | None:
         """The first row (a mapping by column name) or None."""
-        if engine.dialect.driver != "asyncpg":
+        if engine.dialect.driver != "asyncpg" or observed(engine.sync_engine):
             async with engine.connect() as connection:
                 autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
                 row = (await autocommit.execute(self.statement, params)).first()
@@ -235,27 +208,6 @@ class DirectRead(_PerDialect):
             raise
         finally:
             await greenlet_spawn(connection.close)  # back to the pool (checkin may talk to the server)
-
-
-class DirectWrite(_PerDialect):
-    """A Core ``INSERT``/``UPDATE``/``DELETE`` compiled once per dialect and sent with
-    ``exec_driver_sql`` on the session's connection, inside the session's transaction.
-
-    Values go through the columns' bind processors as SQLAlchemy would send them, and errors are
-    SQLAlchemy's (``IntegrityError``, ...). What is skipped is the per-execution work of the ORM
-    session and of the Core statement (compile-cache lookup, execution context): most of the
-    non-network cost of a one-row insert (bench/README.md). The session still owns the
-    transaction: the request edge commits or rolls it back as for any other statement.
-    """
-
-    async def run(self, session: AsyncSession, **params: Any) -> None:
-        # One hop into the session's greenlet for the checkout, the BEGIN and the statement.
-        await session.run_sync(self._run, params)
-
-    def _run(self, session: Session, params: dict[str, Any]) -> None:
-        connection = session.connection()
-        compiled = self.compiled(connection.dialect)
-        connection.exec_driver_sql(compiled.sql, compiled.parameters(params))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -290,7 +242,7 @@ async def engine_lifecycle(engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+    return async_sessionmaker(engine, class_=AtriumSession, expire_on_commit=False, autoflush=False)
 
 
 # SQLSTATE classes that mean "the server is not there for us right now", not "your query is wrong":
@@ -422,13 +374,20 @@ async def commit(session: AsyncSession, *, close: bool = False) -> None:
     """Commit, then run the after-commit hooks; the only commit in the code base.
 
     ``close=True`` also closes the session (always, even when the commit fails), in the same hop
-    into SQLAlchemy's greenlet as the commit: the request edge's end of a transaction.
+    into SQLAlchemy's greenlet as the commit: the request edge's end of a transaction. The hooks
+    are taken off the session first: a commit that fails drops them with its transaction.
     """
-    if close:
+    hooks: list[AfterCommit] = session.info.pop("after_commit", [])
+    if close and not (isinstance(session, AtriumSession) and session.in_direct_transaction()):
         await greenlet_spawn(_commit_and_close, session.sync_session)
+    elif close:
+        try:
+            await session.commit()
+        finally:
+            await session.close()
     else:
         await session.commit()
-    for hook in session.info.pop("after_commit", []):
+    for hook in hooks:
         result = hook()
         if inspect.isawaitable(result):
             await result

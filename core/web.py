@@ -135,6 +135,9 @@ class TransactionalRoute(APIRoute):
     requests are handled by ``core.lean_route`` rather than FastAPI's generic handler.
     """
 
+    # Matches only paths that start with its literal part, as any plain route (core.route_index).
+    literal_prefix_rule = True
+
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, _resolve_provided(endpoint), **kwargs)
         # The ordinary request takes the lean handler; anything unusual FastAPI's (core.lean_route).
