@@ -459,8 +459,30 @@ class TestRedisCache:
         await redis_cache.invalidate("k")
         await redis_cache.set_current("k", 1, b"v", ttl=30.5)
         assert await redis_cache.client.get(f"{ns}:k#gen") == b"1"
-        assert await redis_cache.client.get(f"{ns}:k@1") == b"v"
-        assert 30_000 < await redis_cache.client.pttl(f"{ns}:k@1") <= 30_500
+        assert await redis_cache.client.get(f"{ns}:k@") == b"1:v"  # stamped with its generation
+        assert 30_000 < await redis_cache.client.pttl(f"{ns}:k@") <= 30_500
+        await redis_cache.invalidate("k")
+        assert await redis_cache.client.exists(f"{ns}:k@") == 0  # the old generation's value is gone
+
+    async def test_a_value_stamped_with_another_generation_is_a_miss(self, redis_cache: RedisCache) -> None:
+        ns = redis_cache.namespace
+        await redis_cache.invalidate("k")
+        await redis_cache.invalidate("k")  # generation 2
+        for stale in (b"1:old", b"12:other", b"unstamped", b"2"):  # "2" lacks the separator
+            await redis_cache.client.set(f"{ns}:k@", stale)
+            assert await redis_cache.get_current("k") == (2, None), stale
+        await redis_cache.client.set(f"{ns}:k@", b"2:1:colons:kept")
+        assert await redis_cache.get_current("k") == (2, b"1:colons:kept")
+
+    async def test_a_value_of_the_per_generation_layout_is_never_read(self, redis_cache: RedisCache) -> None:
+        # Before the stamped layout a value lived at K@<generation>; a process of either version
+        # must not serve what the other stored under its own layout (a rolling deploy).
+        ns = redis_cache.namespace
+        await redis_cache.client.set(f"{ns}:k@0", b"per-generation")
+        assert await redis_cache.get_current("k") == (0, None)
+        assert await redis_cache.set_current("k", 0, b"stamped") is True
+        assert await redis_cache.client.get(f"{ns}:k@0") == b"per-generation"
+        assert await redis_cache.get_current("k") == (0, b"stamped")
 
     async def test_a_generation_counter_expires_after_gen_ttl(self, redis_cache: RedisCache) -> None:
         gen_key = f"{redis_cache.namespace}:k#gen"
@@ -477,7 +499,7 @@ class TestRedisCache:
         await redis_cache.set_current("k", 1, b"v", ttl=GEN_TTL * 2)
         # Read the counter first: then "expires no earlier than the value" means a PTTL no smaller.
         gen_pttl = await redis_cache.client.pttl(gen_key)
-        value_pttl = await redis_cache.client.pttl(f"{redis_cache.namespace}:k@1")
+        value_pttl = await redis_cache.client.pttl(f"{redis_cache.namespace}:k@")
         assert 0 < value_pttl <= GEN_TTL * 1000  # capped...
         assert gen_pttl >= value_pttl  # ...and outlived by its refreshed counter
 
