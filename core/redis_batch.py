@@ -1,10 +1,10 @@
-"""The Redis scripts every request runs, on one lean pipelined connection per process.
+"""The Redis commands every request sends, on one lean pipelined connection per process.
 
-Two Lua scripts run on the request path: the rate limiter's GCRA (every request) and the cache's
-generation-guarded read (every cached read). Through redis-py's asyncio client each call costs
-about 75 µs of CPU here (pool checkout, its retry wrapper, command packing, asyncio streams and a
-RESP parser in Python: bench/README.md), as much as all of bare FastAPI's work for a request.
-``PipelinedConnection`` is the few things those two calls need, done directly:
+Two calls run on the request path: the rate limiter's GCRA script (every request) and the cache's
+generation-guarded read, an ``MGET`` (every cached read). Through redis-py's asyncio client each
+call costs about 75 µs of CPU here (pool checkout, its retry wrapper, command packing, asyncio
+streams and a RESP parser in Python: bench/README.md), as much as all of bare FastAPI's work for a
+request. ``PipelinedConnection`` is the few things those two calls need, done directly:
 
 - one TCP connection (per event loop) shared by every concurrent caller: an ``asyncio.Protocol``
   that writes the commands queued during one turn of the loop with a single ``write`` and hands
