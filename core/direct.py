@@ -111,6 +111,9 @@ class _DirectTransaction:
                     await (transaction.commit() if commit else transaction.rollback())
                 except Exception as exc:
                     raise self._error(exc, "COMMIT" if commit else "ROLLBACK", ()) from exc
+                except BaseException:
+                    self.fairy.invalidate()  # cancelled mid-COMMIT: its state is unknown, never reuse it
+                    raise
         finally:
             await greenlet_spawn(self.fairy.close)
 
@@ -203,7 +206,9 @@ class AtriumSession(AsyncSession):
         direct = _DirectTransaction(bind.sync_engine, fairy)
         try:
             await direct.begin()
-        except BaseException:
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                fairy.invalidate()  # cancelled mid-BEGIN: its state is unknown, never reuse it
             await greenlet_spawn(fairy.close)
             raise
         self.info[_DIRECT] = direct

@@ -820,6 +820,46 @@ class TestRequestEdge:
         assert await deferred.count(peer) == 1
         assert checked_out(deferred.engine) == 0
 
+    async def test_a_commit_cancelled_midway_never_puts_its_connection_back_in_use(
+        self, deferred: Deferred, peer: Peer
+    ) -> None:
+        # A deferred trigger that sleeps holds the COMMIT on the server long enough to cancel it.
+        function = f"{deferred.child.name}_slow"
+        await peer.connection.execute(
+            f'CREATE FUNCTION "{function}"() RETURNS trigger LANGUAGE plpgsql AS '
+            "$$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$"
+        )
+        await peer.connection.execute(
+            f'CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON "{deferred.child.name}" '
+            f'DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION "{function}"()'
+        )
+        sleeping = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event = 'PgSleep'")
+        try:
+            session = session_factory(deferred.engine)()
+            await deferred.write.run(session, id=new_id(), parent_id=None)
+            committing = asyncio.create_task(commit(session, close=True))
+            async with asyncio.timeout(GUARD):
+                # No event says "the server is running the COMMIT's trigger": poll for it.
+                while not await peer.connection.fetchval(sleeping):  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            committing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await committing
+            assert not session.in_direct_transaction()
+            assert checked_out(deferred.engine) == 0
+            # The pool's only slot: had the interrupted connection gone back, this would meet it
+            # mid-COMMIT; it was invalidated, so the pool connects afresh.
+            async with session_factory(deferred.engine)() as fresh:
+                await guarded(deferred.write.run(fresh, id=new_id(), parent_id=None))
+                await guarded(fresh.commit())
+        finally:
+            async with asyncio.timeout(GUARD):
+                while await peer.connection.fetchval(sleeping):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            await peer.connection.execute(f'DROP TRIGGER slow ON "{deferred.child.name}"')
+            await peer.connection.execute(f'DROP FUNCTION "{function}"()')
+
 
 @pytest.mark.postgres
 class TestUnitOfWork:
