@@ -24,11 +24,11 @@ from fastapi import APIRouter, FastAPI, Form, Request, WebSocket
 from fastapi.exceptions import FastAPIDeprecationWarning
 from fastapi.routing import APIRoute
 from starlette.applications import Starlette
+from starlette.exceptions import StarletteDeprecationWarning
 from starlette.requests import Request as StarletteRequest
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
-from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
@@ -36,6 +36,12 @@ import main
 from core.route_index import RouteIndex, install_route_index
 from core.web import TransactionalRoute, add_routes
 from tests.conftest import make_settings
+
+with warnings.catch_warnings():
+    # Starlette's TestClient (the one client that speaks websockets) warns on import that it wants
+    # httpx2; the rest of the suite uses httpx's AsyncClient.
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    from starlette.testclient import TestClient
 
 # --- endpoints that say what handled them ---------------------------------------------------------------
 
