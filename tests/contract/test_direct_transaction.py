@@ -204,13 +204,15 @@ class TestEnding:
         await session.close()
         assert checked_out(engine) == 0
 
-    async def test_rollback_discards_the_row_and_returns_the_connection(
-        self, engine: AsyncEngine, peer: Peer, rows: Rows
+    # invalidate(): the way out for a session in doubt, with no close() after it.
+    @pytest.mark.parametrize("end", ["rollback", "reset", "invalidate"])
+    async def test_ending_without_a_commit_discards_the_row_and_returns_the_connection(
+        self, engine: AsyncEngine, peer: Peer, rows: Rows, end: str
     ) -> None:
         session = session_factory(engine)()
         await insert(session, rows.item("a"))
 
-        await session.rollback()
+        await guarded(getattr(session, end)())
 
         assert not session.in_direct_transaction()
         assert checked_out(engine) == 0
@@ -222,28 +224,6 @@ class TestEnding:
         async with session_factory(engine)() as session:
             await insert(session, rows.item("a"))
             assert session.in_direct_transaction()
-        assert not session.in_direct_transaction()
-        assert checked_out(engine) == 0
-        assert await peer.committed(rows) == set()
-
-    async def test_reset_discards_the_row(self, engine: AsyncEngine, peer: Peer, rows: Rows) -> None:
-        session = session_factory(engine)()
-        await insert(session, rows.item("a"))
-
-        await session.reset()
-
-        assert not session.in_direct_transaction()
-        assert checked_out(engine) == 0
-        assert await peer.committed(rows) == set()
-
-    async def test_invalidate_ends_the_direct_transaction(
-        self, engine: AsyncEngine, peer: Peer, rows: Rows
-    ) -> None:
-        session = session_factory(engine)()
-        await insert(session, rows.item("a"))
-
-        await guarded(session.invalidate())  # the way out for a session in doubt: no close() after it
-
         assert not session.in_direct_transaction()
         assert checked_out(engine) == 0
         assert await peer.committed(rows) == set()
@@ -351,29 +331,16 @@ class TestAdoption:
         assert await peer.committed(rows) == {direct.id, orm.id}
         assert checked_out(engine) == 0
 
-    async def test_an_orm_insert_after_a_direct_write_rolls_back_with_it(
-        self, engine: AsyncEngine, peer: Peer, rows: Rows
+    @pytest.mark.parametrize("end", ["rollback", "close"])
+    async def test_an_orm_insert_after_a_direct_write_is_discarded_with_it(
+        self, engine: AsyncEngine, peer: Peer, rows: Rows, end: str
     ) -> None:
         session = session_factory(engine)()
         await insert(session, rows.item("direct"))
         session.add(rows.orm_row("orm"))
         await session.flush()
 
-        await session.rollback()
-
-        assert await peer.committed(rows) == set()
-        assert not session.in_direct_transaction()
-        assert checked_out(engine) == 0
-
-    async def test_close_after_adoption_discards_everything(
-        self, engine: AsyncEngine, peer: Peer, rows: Rows
-    ) -> None:
-        session = session_factory(engine)()
-        await insert(session, rows.item("direct"))
-        session.add(rows.orm_row("orm"))
-        await session.flush()
-
-        await session.close()
+        await getattr(session, end)()
 
         assert await peer.committed(rows) == set()
         assert not session.in_direct_transaction()
