@@ -16,11 +16,17 @@ from dependency_injector import containers, providers
 from dramatiq import Broker
 
 from config import Settings
-from core import cache, db, email, metrics, payments, queue, ratelimit, security
-from core.idempotency import IdempotencyStore
+from core import email, fastpath, security
+from core.cache import stores as cache
+from core.db import engine as db_engine
+from core.db import replicas, session
+from core.edge.idempotency import IdempotencyStore
+from core.edge.pagination import CursorCodec
+from core.messaging import queue
+from core.messaging.outbox import Inbox, Outbox, OutboxRelay
 from core.module import Module, ModuleError, load_modules
-from core.outbox import Inbox, Outbox, OutboxRelay
-from core.pagination import CursorCodec
+from core.observability import metrics
+from core.ratelimit import limiter as ratelimit
 
 
 def _event_routes(modules: Sequence[Module]) -> dict[str, list[str]]:
@@ -38,24 +44,11 @@ async def _closing_cache(adapter: cache.Cache) -> AsyncIterator[cache.Cache]:
         await adapter.aclose()
 
 
-def _http_gateway(**options: Any) -> payments.PaymentGateway:
-    from core.payments_http import HttpPaymentGateway  # httpx is only needed when chosen
-
-    return HttpPaymentGateway(**options)
-
-
 async def _closing_rate_limiter(limiter: ratelimit.RateLimiter) -> AsyncIterator[ratelimit.RateLimiter]:
     try:
         yield limiter
     finally:
         await limiter.aclose()
-
-
-async def _closing_gateway(gateway: payments.PaymentGateway) -> AsyncIterator[payments.PaymentGateway]:
-    try:
-        yield gateway
-    finally:
-        await gateway.aclose()
 
 
 async def _closing_broker(broker: Broker) -> AsyncIterator[Broker]:
@@ -86,23 +79,31 @@ class Core(containers.DeclarativeContainer):
     settings = providers.Dependency(instance_of=Settings)
     modules = providers.Dependency(instance_of=list)
 
-    engine = providers.Singleton(lambda s: db.create_engine(s.database_url, **_pool_options(s)), settings)
-    sessions = providers.Singleton(db.session_factory, engine)
+    # Whether the fast path serves this process (core/fastpath/README.md): resolved once, logged once.
+    fast_path = providers.Singleton(fastpath.resolve, settings.provided.fast_path)
+
+    engine = providers.Singleton(
+        lambda s, fast: db_engine.create_engine(s.database_url, fast_path=fast, **_pool_options(s)),
+        settings, fast_path,
+    )
+    sessions = providers.Singleton(session.session_factory, engine)
     # Read replicas: one engine per URL with the primary's pool options; ``read_sessions`` spreads
     # read-only use cases over them and falls back to ``sessions`` (none configured, or all down).
     replica_engines = providers.Singleton(
         # Always pinged on checkout (ping_after=0): ReadSessions learns that a replica is down from
         # that ping and sends the read to the primary; a skipped ping would make the read fail.
-        lambda s: db.create_engines(s.database_replica_urls, **{**_pool_options(s), "ping_after": 0.0}),
-        settings
+        lambda s, fast: db_engine.create_engines(
+            s.database_replica_urls, fast_path=fast, **{**_pool_options(s), "ping_after": 0.0}
+        ),
+        settings, fast_path,
     )
     read_sessions = providers.Singleton(
-        db.ReadSessions, sessions, replica_engines, cooloff=settings.provided.database_replica_cooloff
+        replicas.ReadSessions, sessions, replica_engines, cooloff=settings.provided.database_replica_cooloff
     )
     # Resources only close what the Singletons opened, so ``init_resources()`` resolves just the
     # adapters the Selectors chose and no provider turns asynchronous.
-    engine_lifecycle = providers.Resource(db.engine_lifecycle, engine)
-    replica_engines_lifecycle = providers.Resource(db.engines_lifecycle, replica_engines)
+    engine_lifecycle = providers.Resource(db_engine.engine_lifecycle, engine)
+    replica_engines_lifecycle = providers.Resource(db_engine.engines_lifecycle, replica_engines)
 
     cache = providers.Selector(
         settings.provided.cache_backend,
@@ -112,6 +113,7 @@ class Core(containers.DeclarativeContainer):
             cache.RedisCache.from_url,
             settings.provided.redis_url,
             namespace=settings.provided.cache_namespace,
+            pipelined=fast_path,
         ),
     )
 
@@ -155,21 +157,6 @@ class Core(containers.DeclarativeContainer):
         ),
     )
 
-    payment_gateway = providers.Selector(
-        settings.provided.payments_backend,
-        fake=providers.Singleton(payments.FakePaymentGateway, settings.provided.payments_webhook_secret),
-        http=providers.Singleton(
-            _http_gateway,
-            base_url=settings.provided.payments_url,
-            api_key=settings.provided.payments_api_key,
-            webhook_secret=settings.provided.payments_webhook_secret,
-            timeout=settings.provided.payments_timeout,
-            connect_timeout=settings.provided.payments_connect_timeout,
-            max_attempts=settings.provided.payments_max_attempts,
-        ),
-    )
-    payments_lifecycle = providers.Resource(_closing_gateway, payment_gateway)
-
     password_hasher = providers.Singleton(
         security.PasswordHasher,
         time_cost=settings.provided.password_time_cost,
@@ -185,7 +172,10 @@ class Core(containers.DeclarativeContainer):
     metrics_registry = providers.Singleton(metrics.new_registry)
     job_metrics = providers.Singleton(metrics.JobMetrics, metrics_registry)
     outbox_metrics = providers.Singleton(metrics.OutboxMetrics, metrics_registry)
-    pool_metrics = providers.Singleton(metrics.DbPoolMetrics, engine, metrics_registry)
+    pool_metrics = providers.Singleton(
+        metrics.DbPoolMetrics, engine, metrics_registry,
+        limit=providers.Callable(lambda s: s.database_pool_size + s.database_max_overflow, settings),
+    )
     idempotency = providers.Singleton(
         IdempotencyStore,
         sessions,
@@ -205,6 +195,7 @@ class Core(containers.DeclarativeContainer):
             settings.provided.redis_url,
             namespace=settings.provided.cache_namespace,
             timeout=settings.provided.rate_limit_timeout,
+            pipelined=fast_path,
         ),
     )
     rate_limiter_lifecycle = providers.Resource(_closing_rate_limiter, rate_limiter)

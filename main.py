@@ -24,18 +24,18 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from config import ConfigError, Settings, load_settings
 from containers import build_container
-from core.access_log import access_log
-from core.error_handlers import ErrorMiddleware, install_error_handlers
-from core.errors import AppError
-from core.health import router as health_router
-from core.logging import configure_logging
-from core.metrics import disable_multiprocess, install_metrics, prepare_serve, serve_metrics
-from core.middleware import RequestContextMiddleware
+from core import fastpath
+from core.edge.error_handlers import ErrorMiddleware, install_error_handlers
+from core.edge.errors import AppError
+from core.edge.health import router as health_router
+from core.edge.middleware import RequestContextMiddleware
+from core.edge.routes import add_routes
+from core.messaging.queue import ping_broker
 from core.module import Module, ModuleError, load_modules, select_modules
-from core.queue import ping_broker
-from core.ratelimit import RateLimitMiddleware
-from core.route_index import install_route_index
-from core.web import add_routes
+from core.observability.access_log import access_log
+from core.observability.logging import configure_logging
+from core.observability.metrics import disable_multiprocess, install_metrics, prepare_serve, serve_metrics
+from core.ratelimit.limiter import RateLimitMiddleware
 
 API_PREFIX = "/api/v1"
 
@@ -66,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.providers = {}
     install_error_handlers(app)
 
-    # One flat route table (core.web.add_routes): no nested routers to walk on every request.
+    # One flat route table (core.edge.routes.add_routes): no nested routers to walk on every request.
     add_routes(app.router, health_router)
     for module in served:
         if module.router is not None:
@@ -78,7 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ErrorMiddleware)
     install_metrics(app, container.metrics_registry(), pool=container.pool_metrics())
     app.add_middleware(RequestContextMiddleware)
-    install_route_index(app.router)  # a request asks only the routes that can match its path
+    if container.fast_path():
+        fastpath.install(app.router)  # the lean handler and the route index (core/fastpath/README.md)
     return app
 
 
@@ -92,7 +93,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(upgrade, settings)
     await container.init_resources()
     app.state.sessions = container.sessions()
-    app.state.read_sessions = container.read_sessions()  # core.web.ReadSession; primary without replicas
+    app.state.read_sessions = container.read_sessions()  # core.edge.routes.ReadSession; or the primary
     app.state.tokens = container.tokens()
     cache, broker, jobs, relay = container.cache(), container.broker(), container.jobs(), container.relay()
     engine = container.engine()
@@ -229,7 +230,7 @@ async def _shutdown_resources(container: Any) -> None:
 
 
 async def create_admin(settings: Settings, email: str, password: str, full_name: str) -> Any:
-    from core.db import UnitOfWork
+    from core.db.session import UnitOfWork
 
     container = build_container(settings)
     await _init_resources(container)
@@ -323,7 +324,7 @@ def _new_module(name: str, entity: str | None) -> int:
     from pathlib import Path
 
     from containers import Core
-    from core.scaffold import new_module
+    from tooling.scaffold import new_module
 
     root = Path.cwd()
     if not (root / "modules").is_dir():
@@ -341,7 +342,7 @@ def _verify_modules(settings: Settings, enabled_only: bool) -> int:
     """``atrium modules verify``: one line per violation on stdout; exit 1 when there is any."""
     from pathlib import Path
 
-    from core.verify import RULES, discover, verify
+    from tooling.verify import RULES, discover, verify
 
     names = list(settings.modules) if enabled_only else discover()
     violations = verify(names, Path(__file__).resolve().parent,
@@ -359,8 +360,8 @@ def _module_docs(output: str | None, check: bool) -> int:
     """``atrium modules docs [--check]``: write docs/modules.md, or exit 1 when it is stale."""
     from pathlib import Path
 
-    from core.module_docs import render
-    from core.verify import discover
+    from tooling.module_docs import render
+    from tooling.verify import discover
 
     path = Path(output) if output else Path(__file__).resolve().parent / "docs" / "modules.md"
     text = render(load_modules(discover()), api_prefix=API_PREFIX)

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from core.ratelimit import parse_policy
+from core.ratelimit.limiter import parse_policy
 
 
 class Environment(StrEnum):
@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     api_modules: Annotated[tuple[str, ...], NoDecode] = ()  # routers included by the app
     worker_modules: Annotated[tuple[str, ...], NoDecode] = ()  # actors a worker consumes
 
+    # The fast path (core/fastpath/README.md): auto = on where the installed library versions are the
+    # verified ones, on = always (trying a new release), off = stock FastAPI, SQLAlchemy and redis-py.
+    fast_path: Literal["auto", "on", "off"] = "auto"
+
     # HTTP
     host: str = "127.0.0.1"
     port: int = 8000
@@ -108,7 +112,7 @@ class Settings(BaseSettings):
     database_pool_recycle: int = 1800
     database_pool_pre_ping: bool = True
     # With pre-ping on, a pooled connection's socket is checked on every checkout; one idle this many
-    # seconds or more is also pinged with a round trip (core.db._Pinger). 0 = ping every checkout.
+    # seconds or more is also pinged with a round trip (core.db.session._Pinger). 0 = ping every checkout.
     database_pool_ping_after: float = Field(1.0, ge=0)
     database_connect_timeout: float = Field(5.0, gt=0)  # PostgreSQL: seconds to open a connection
     database_echo: bool = False

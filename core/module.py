@@ -15,8 +15,8 @@ from typing import Any
 from dependency_injector import containers
 from fastapi import APIRouter
 
-from core.events import IntegrationEvent
-from core.queue import Task
+from core.messaging.events import IntegrationEvent
+from core.messaging.queue import Task
 
 
 class ModuleError(RuntimeError):

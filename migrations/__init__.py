@@ -92,7 +92,7 @@ def adopt_legacy_history(config: Config, settings: Settings) -> bool:
 async def _stamped(url: str) -> set[str]:
     from sqlalchemy import inspect, text
 
-    from core.db import create_engine
+    from core.db.engine import create_engine
 
     engine = create_engine(url, pool_pre_ping=False)
     try:

@@ -8,14 +8,15 @@ from alembic import context
 from sqlalchemy.engine import Connection
 
 from config import load_settings
-from core.db import Base, create_engine
+from core.db.base import Base
+from core.db.engine import create_engine
 from core.module import load_modules
 
 config = context.config
 settings = config.attributes.get("settings") or load_settings()
 
-import core.idempotency  # noqa: E402  - the idempotency keys
-import core.outbox  # noqa: E402,F401  - the outbox and inbox tables
+import core.edge.idempotency  # noqa: E402  - the idempotency keys
+import core.messaging.outbox  # noqa: E402,F401  - the outbox and inbox tables
 
 load_modules(settings.modules)  # importing each module registers its tables on Base.metadata
 target_metadata = Base.metadata

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from config import Settings
-from core.db import create_engine
+from core.db.engine import create_engine
 from migrations import upgrade
 from tests.support.services import POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, postgres_dsn, require
 

@@ -22,23 +22,23 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import create_async_engine
 
-import core.idempotency
-import core.outbox
+import core.edge.idempotency
+import core.messaging.outbox
 import main
 from containers import build_container
-from core.db import Base
-from core.logging import configure_logging
+from core.db.base import Base
 from core.module import Module, import_module, load_modules
-from core.verify import verify
+from core.observability.logging import configure_logging
 from tests.conftest import make_settings
 from tests.support.db import table_names
+from tooling.verify import verify
 
 REPO = Path(__file__).resolve().parent.parent
 ENABLED = make_settings().modules
 CORE_TABLES = {
-    core.outbox.OutboxMessage.__tablename__,
-    core.outbox.InboxMessage.__tablename__,
-    core.idempotency.IdempotencyKey.__tablename__,
+    core.messaging.outbox.OutboxMessage.__tablename__,
+    core.messaging.outbox.InboxMessage.__tablename__,
+    core.edge.idempotency.IdempotencyKey.__tablename__,
 }
 
 
@@ -234,7 +234,7 @@ def test_the_tables_of_a_module_are_registered_and_migrated(
     module = next(m for m in loaded if m.name == name)
 
     for table in module.tables:
-        assert table in Base.metadata.tables, f"{table} is not on core.db.Base.metadata"
+        assert table in Base.metadata.tables, f"{table} is not on core.db.session.Base.metadata"
         assert table in migrated_tables, f"{table} is not created by the migrations"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from core.module import ModuleError
-from core.scaffold import check_name, entity_of, new_module
+from tooling.scaffold import check_name, entity_of, new_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = {".venv", ".git", "var", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis",

@@ -13,7 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
-from core.errors import Conflict, NotFound, Unprocessable
+from core.edge.errors import Conflict, NotFound, Unprocessable
 
 MAX_LINES = 100
 MAX_QUANTITY = 10_000

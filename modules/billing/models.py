@@ -13,7 +13,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, ForeignKey, Index, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from core.db import Base, new_id, utcnow
+from core.db.base import Base, new_id, utcnow
 
 _ACTIVE = "status IN ('pending', 'succeeded')"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from core.events import IntegrationEvent
+from core.messaging.events import IntegrationEvent
 
 
 class PaymentSucceeded(IntegrationEvent):

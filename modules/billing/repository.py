@@ -7,7 +7,7 @@ from collections.abc import Collection
 
 from sqlalchemy import Select, select
 
-from core.repository import Repository
+from core.db.repository import Repository
 from modules.billing.domain import PaymentStatus
 from modules.billing.models import InvoiceLineRow, InvoiceRow, PaymentRow
 

@@ -8,11 +8,12 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from core.di import Provided
-from core.errors import BadRequest
-from core.idempotency import IdempotencyStore, StoredResponse, check_key, fingerprint, run_once
-from core.payments import InvalidWebhook, PaymentGateway
-from core.web import CurrentPrincipal, DbSession, TransactionalRoute
+from core.edge.auth import CurrentPrincipal
+from core.edge.errors import BadRequest
+from core.edge.idempotency import IdempotencyStore, StoredResponse, check_key, fingerprint, run_once
+from core.edge.provided import Provided
+from core.edge.routes import DbSession, TransactionalRoute
+from modules.billing.adapters.gateway import InvalidWebhook, PaymentGateway
 from modules.billing.schemas import (
     InvoiceCreate,
     InvoicePage,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.queue import JobContext, task
+from core.messaging.queue import JobContext, task
 from modules.billing.public import PaymentSucceeded
 from modules.billing.schemas import ChargePayment
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dependency_injector import containers, providers
 
-from core.read_through import ReadThroughCache
+from core.cache.read_through import ReadThroughCache
 from modules.items.repository import ItemRepository
 from modules.items.service import ItemService, ItemsFacadeImpl
 

@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from core.errors import NotFound
+from core.edge.errors import NotFound
 
 NAME_MAX = 200
 DESCRIPTION_MAX = 4000

@@ -9,15 +9,15 @@ from typing import Any
 from sqlalchemy import Select, bindparam, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from core.db import DirectRead, DirectWrite
-from core.repository import Repository
+from core.db.repository import Repository
+from core.db.statements import DirectRead, DirectWrite
 from modules.items.domain import Item
 from modules.items.models import ItemRow
 
 _t = ItemRow.__table__.c
-# Compiled once per dialect; every column is a parameter (core.db.DirectWrite).
+# Compiled once per dialect; every column is a parameter (core.db.session.DirectWrite).
 _INSERT = DirectWrite(insert(ItemRow.__table__))
-# The hot read (a cache miss), compiled once and run on the driver directly (core.db.DirectRead).
+# The hot read (a cache miss), compiled once and run on the driver directly (core.db.session.DirectRead).
 _READ = DirectRead(
     select(_t.id, _t.name, _t.description, _t.price, _t.currency, _t.created_at, _t.updated_at)
     .where(_t.id == bindparam("item_id"))

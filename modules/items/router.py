@@ -8,9 +8,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from core.di import Provided
-from core.errors import Unprocessable
-from core.web import AdminPrincipal, DbSession, ReadSession, TransactionalRoute
+from core.edge.auth import AdminPrincipal
+from core.edge.errors import Unprocessable
+from core.edge.provided import Provided
+from core.edge.routes import DbSession, ReadSession, TransactionalRoute
 from modules.items.schemas import Currency, ItemCreate, ItemPage, ItemRead, ItemUpdate
 from modules.items.service import ItemFilters, ItemService
 

@@ -10,10 +10,11 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from core.db import new_id, on_commit, utcnow
-from core.outbox import Outbox
-from core.pagination import CursorCodec, InvalidCursor
-from core.read_through import ReadThroughCache
+from core.cache.read_through import ReadThroughCache
+from core.db.base import new_id, utcnow
+from core.db.session import on_commit
+from core.edge.pagination import CursorCodec, InvalidCursor
+from core.messaging.outbox import Outbox
 from modules.items.domain import Item, ItemNotFound, name_key
 from modules.items.models import ItemRow
 from modules.items.public import ItemPrice, ItemPriceChanged
@@ -91,7 +92,7 @@ class ItemService:
         # miss after a PATCH (the invalidation) would otherwise store the replica's pre-write row
         # under the new generation, for every process, until the TTL. Misses are rare; hits are
         # what the cache serves (README "Read replicas").
-        # One statement, nothing to commit: autocommit, straight on the driver (core.db.DirectRead).
+        # One statement, nothing to commit: autocommit, straight on the driver (core.db.session.DirectRead).
         row = await self._items.read(self._sessions.kw["bind"], item_id)
         return None if row is None else ItemRead.model_validate(dict(row)).model_dump_json().encode()
 

@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from core.errors import Conflict, Unauthorized, Unprocessable
+from core.edge.errors import Conflict, Unauthorized, Unprocessable
 
 MIN_AGE = 18
 MIN_PASSWORD_LENGTH = 8

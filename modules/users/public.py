@@ -8,7 +8,7 @@ from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.events import IntegrationEvent
+from core.messaging.events import IntegrationEvent
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import Select
 
-from core.repository import Repository
+from core.db.repository import Repository
 from modules.users.models import UserRow
 
 

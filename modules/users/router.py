@@ -8,9 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from fastapi.security import OAuth2PasswordRequestForm
 
-from core.di import Provided
-from core.ratelimit import LoginRateLimit
-from core.web import CurrentPrincipal, DbSession, ReadSession, TransactionalRoute
+from core.edge.auth import CurrentPrincipal
+from core.edge.provided import Provided
+from core.edge.routes import DbSession, ReadSession, TransactionalRoute
+from core.ratelimit.limiter import LoginRateLimit
 from modules.users.schemas import TokenRead, UserCreate, UserRead
 from modules.users.service import UserService
 

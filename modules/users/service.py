@@ -8,8 +8,8 @@ from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.errors import NotFound, Unauthorized, Unprocessable
-from core.outbox import Outbox
+from core.edge.errors import NotFound, Unauthorized, Unprocessable
+from core.messaging.outbox import Outbox
 from core.security import PasswordHasher, Principal, TokenService
 from modules.users.domain import EmailTaken, InvalidCredentials, User, check_password, normalize_email
 from modules.users.models import UserRow

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from core.email import EmailMessage
-from core.queue import JobContext, task
+from core.messaging.queue import JobContext, task
 from modules.users.domain import welcome_email
 from modules.users.public import UserRegistered
 

@@ -25,9 +25,9 @@ import pytest
 from fastapi import FastAPI
 
 from config import Settings
-from core.db import UnitOfWork
-from core.payments import FakePaymentGateway, GatewayEvent, GatewayLedger
+from core.db.session import UnitOfWork
 from main import create_app
+from modules.billing.adapters.gateway import FakePaymentGateway, GatewayEvent, GatewayLedger
 from tests.conftest import TEST_SECRET, make_settings, migrated
 from tests.support.gateway import GatewayServer
 from tests.support.services import REDIS_URL, require
@@ -144,7 +144,7 @@ async def stack(
         def count_dev(to: str) -> int:
             return sum(1 for m in sender.sent if m.to == to)
 
-        fake: FakePaymentGateway = app.state.container.payment_gateway()
+        fake: FakePaymentGateway = app.state.container.billing.payment_gateway()
 
         def settle_dev() -> list[Delivery]:
             return [(event, *fake.signed(event)) for event in fake.ledger.settle_pending()]

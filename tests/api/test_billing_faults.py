@@ -33,11 +33,12 @@ from dramatiq import Message
 from sqlalchemy import select, text
 
 from config import Settings
-from core.db import UnitOfWork, utcnow
-from core.outbox import EVENT, JOB, OutboxMessage
-from core.payments import FakePaymentGateway
+from core.db.base import utcnow
+from core.db.session import UnitOfWork
+from core.messaging.outbox import EVENT, JOB, OutboxMessage
 from core.security import Principal
 from main import create_app
+from modules.billing.adapters.gateway import FakePaymentGateway
 from tests.api.conftest import (
     CHEAP_HASHING,
     Gateway,
@@ -466,7 +467,7 @@ async def test_exhausted_retries_dead_letter_the_job_and_fail_the_payment(tmp_pa
     app = create_app(settings)
     async with _serve(app) as client:
         container = app.state.container
-        fake: FakePaymentGateway = container.payment_gateway()
+        fake: FakePaymentGateway = container.billing.payment_gateway()
         sender = container.email_sender()
         stack = Stack(
             profile="development", settings=settings, app=app, client=client,

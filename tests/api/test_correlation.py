@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from core.outbox import OutboxMessage
+from core.messaging.outbox import OutboxMessage
 from tests.api.conftest import Stack, bearer, eventually, make_admin, sign_up, signup_body
 from tests.api.test_billing_api import new_invoice, new_item, pay, settled
 

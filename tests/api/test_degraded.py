@@ -77,7 +77,7 @@ class TestBrokerDown:
 
             from sqlalchemy import select
 
-            from core.outbox import OutboxMessage
+            from core.messaging.outbox import OutboxMessage
 
             async with app.state.sessions() as session:
                 rows = (await session.scalars(select(OutboxMessage))).all()

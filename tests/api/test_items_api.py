@@ -15,8 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from core.outbox import OutboxMessage
-from core.pagination import CursorCodec
+from core.edge.pagination import CursorCodec
+from core.messaging.outbox import OutboxMessage
 from modules.items.domain import DESCRIPTION_MAX, NAME_MAX, PRICE_MAX
 from tests.api.conftest import Stack, bearer, make_admin, sign_up
 from tests.api.test_users_api import assert_envelope

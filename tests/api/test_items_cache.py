@@ -18,7 +18,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from core.db import UnitOfWork
+from core.db.session import UnitOfWork
 from main import create_app
 from tests.api.conftest import CHEAP_HASHING, _flush_redis_namespace, _serve, bearer, login, unique_email
 from tests.conftest import make_settings, migrated

@@ -28,7 +28,9 @@ from loguru import logger
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.db import ReadSessions, UnitOfWork, create_engine
+from core.db.engine import create_engine
+from core.db.replicas import ReadSessions
+from core.db.session import UnitOfWork
 from main import create_app
 from tests.api.conftest import CHEAP_HASHING, GENEROUS_RATE_LIMITS, _serve, bearer, eventually, login, sign_up
 from tests.conftest import make_settings, migrated

@@ -33,7 +33,7 @@ import asyncpg
 import httpx
 import pytest
 
-from core.db import UnitOfWork
+from core.db.session import UnitOfWork
 from main import create_app
 from tests.api.conftest import (
     CHEAP_HASHING,

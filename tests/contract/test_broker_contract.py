@@ -25,11 +25,11 @@ from pydantic import BaseModel
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from core.context import request_id_var
-from core.db import UnitOfWork, create_engine, session_factory
-from core.events import IntegrationEvent
-from core.outbox import Inbox, InboxMessage, Outbox, OutboxMessage, OutboxRelay
-from core.queue import (
+from core.db.engine import create_engine
+from core.db.session import UnitOfWork, session_factory
+from core.messaging.events import IntegrationEvent
+from core.messaging.outbox import Inbox, InboxMessage, Outbox, OutboxMessage, OutboxRelay
+from core.messaging.queue import (
     BrokerSender,
     JobContext,
     JobRunner,
@@ -40,6 +40,7 @@ from core.queue import (
     stub_broker,
     task,
 )
+from core.observability.context import request_id_var
 from modules.users.models import UserRow
 from tests.conftest import migrated
 from tests.support.services import RABBITMQ_URL, REDIS_URL, require

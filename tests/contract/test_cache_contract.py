@@ -13,7 +13,7 @@ from uuid import uuid4
 import pytest
 from pydantic import BaseModel
 
-from core.cache import GEN_TTL, Cache, CacheUnavailable, MemoryCache, NullCache, RedisCache, TypedCache
+from core.cache.stores import GEN_TTL, Cache, CacheUnavailable, MemoryCache, NullCache, RedisCache, TypedCache
 from tests.support.services import REDIS_URL, require
 
 Elapse = Callable[[float], Awaitable[None]]

@@ -1,4 +1,5 @@
-"""A direct transaction (``core.direct``) is one transaction the session owns, whatever runs in it.
+"""A direct transaction (``core.fastpath.transactions``) is one transaction the session owns, whatever
+runs in it.
 
 On PostgreSQL a ``DirectWrite`` on an idle ``AtriumSession`` begins a transaction on a pooled
 connection of its own, outside the ORM's bookkeeping. These tests hold it to what the session
@@ -29,8 +30,11 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from core.db import UnitOfWork, commit, create_engine, new_id, on_commit, session_factory, utcnow
-from core.direct import AtriumSession, DirectWrite
+from core.db.base import new_id, utcnow
+from core.db.engine import create_engine
+from core.db.session import UnitOfWork, commit, on_commit, session_factory
+from core.db.statements import DirectWrite
+from core.fastpath.transactions import AtriumSession
 from modules.items.domain import Item, name_key
 from modules.items.models import ItemRow
 from modules.items.repository import _INSERT, ItemRepository

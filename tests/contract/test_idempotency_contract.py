@@ -17,9 +17,10 @@ import pytest
 from sqlalchemy import delete, event, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from core.db import UnitOfWork, create_engine, session_factory
-from core.errors import BadRequest
-from core.idempotency import (
+from core.db.engine import create_engine
+from core.db.session import UnitOfWork, session_factory
+from core.edge.errors import BadRequest
+from core.edge.idempotency import (
     COMPLETED,
     IN_FLIGHT,
     Claim,

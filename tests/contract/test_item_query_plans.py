@@ -16,7 +16,8 @@ from sqlalchemy import Select, insert, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.db import create_engine, new_id, utcnow
+from core.db.base import new_id, utcnow
+from core.db.engine import create_engine
 from modules.items.domain import name_key
 from modules.items.models import ItemRow
 from modules.items.repository import ItemRepository

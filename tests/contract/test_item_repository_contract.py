@@ -17,11 +17,13 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import delete, event, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from core.cache import NullCache
-from core.db import UnitOfWork, commit, create_engine, new_id, session_factory
-from core.outbox import Outbox, OutboxMessage
-from core.pagination import CursorCodec
-from core.read_through import ReadThroughCache
+from core.cache.read_through import ReadThroughCache
+from core.cache.stores import NullCache
+from core.db.base import new_id
+from core.db.engine import create_engine
+from core.db.session import UnitOfWork, commit, session_factory
+from core.edge.pagination import CursorCodec
+from core.messaging.outbox import Outbox, OutboxMessage
 from modules.items.domain import name_key
 from modules.items.models import ItemRow
 from modules.items.public import ItemPrice

@@ -20,10 +20,11 @@ from pydantic import BaseModel
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
-from core.context import request_id_var
-from core.db import UnitOfWork, commit, create_engine, rollback, session_factory
-from core.events import IntegrationEvent
-from core.outbox import EVENT, JOB, Inbox, InboxMessage, Outbox, OutboxMessage, OutboxRelay
+from core.db.engine import create_engine
+from core.db.session import UnitOfWork, commit, rollback, session_factory
+from core.messaging.events import IntegrationEvent
+from core.messaging.outbox import EVENT, JOB, Inbox, InboxMessage, Outbox, OutboxMessage, OutboxRelay
+from core.observability.context import request_id_var
 from tests.conftest import migrated
 
 
@@ -201,7 +202,7 @@ class TestEnqueue:
 class TestFixtureCommit:
     """What ``commit(session)`` does inside the rollback-isolated ``session`` fixture: it releases
     the session's savepoint and runs the hooks, but nothing reaches the database for good (on
-    SQLite this needs ``core.db.create_engine``'s explicit BEGIN; pysqlite's own handling made the
+    SQLite this needs ``core.db.session.create_engine``'s explicit BEGIN; pysqlite's own handling made the
     savepoint the outermost transaction, so its RELEASE committed to the shared file)."""
 
     async def test_a_commit_stays_inside_the_outer_transaction(

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from loguru import logger
 
-from core.payments import (
+from modules.billing.adapters.gateway import (
     SIGNATURE_HEADER,
     SIGNATURE_TOLERANCE_SECONDS,
     ChargeRequest,
@@ -38,7 +38,7 @@ from core.payments import (
     encode_event,
     sign_webhook,
 )
-from core.payments_http import HttpPaymentGateway
+from modules.billing.adapters.http import HttpPaymentGateway
 from tests.support.gateway import Delivery, GatewayServer
 from tests.support.smtp import free_port
 

@@ -12,7 +12,7 @@ from uuid import uuid4
 
 import pytest
 
-from core.ratelimit import (
+from core.ratelimit.limiter import (
     MemoryRateLimiter,
     NullRateLimiter,
     Policy,

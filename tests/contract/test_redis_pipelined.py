@@ -1,4 +1,4 @@
-"""``core.redis_batch`` against real Redis: one pipelined connection shared by every caller.
+"""``core.fastpath.redis`` against real Redis: one pipelined connection shared by every caller.
 
 Each caller must get its own reply, whatever else is in flight; an outage must fail the callers
 with redis-py's exceptions (fast), and the same object must work again once Redis is back.
@@ -24,9 +24,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from core.cache import CacheUnavailable, RedisCache
-from core.ratelimit import RateLimiterUnavailable, RedisRateLimiter, parse_policy
-from core.redis_batch import PipelinedConnection, PipelinedScript
+from core.cache.stores import CacheUnavailable, RedisCache
+from core.fastpath.redis import PipelinedConnection, PipelinedScript
+from core.ratelimit.limiter import RateLimiterUnavailable, RedisRateLimiter, parse_policy
 from tests.support.redis_server import RedisServer, require_redis_server
 from tests.support.services import REDIS_URL, require
 from tests.support.smtp import free_port

@@ -1,7 +1,8 @@
 """A real payment gateway on 127.0.0.1 for tests (and a manual demo), speaking the wire protocol of
-``core.payments_http`` over TCP.
+``modules.billing.adapters.http`` over TCP.
 
-It applies the rules of ``core.payments.GatewayLedger`` (kept as ``gw.ledger``), so the HTTP
+It applies the rules of ``modules.billing.adapters.gateway.GatewayLedger`` (kept as ``gw.ledger``), so
+the HTTP
 adapter and ``FakePaymentGateway`` answer the same contract. uvicorn serves a tiny Starlette app on
 its own thread. Faults are injected per request, thread-safely: ``fail_next`` (answer an error
 without charging), ``delay_next`` (charge, then answer late: a read timeout on a charge that
@@ -35,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from core.payments import (
+from modules.billing.adapters.gateway import (
     DECLINED,
     PENDING,
     SIGNATURE_HEADER,

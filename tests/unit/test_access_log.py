@@ -15,10 +15,10 @@ from typing import Any, TextIO
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from core import access_log as access_log_module
-from core.access_log import AccessLog, access_log
-from core.logging import configure_logging
-from core.middleware import RequestContextMiddleware
+from core.edge.middleware import RequestContextMiddleware
+from core.observability import access_log as access_log_module
+from core.observability.access_log import AccessLog, access_log
+from core.observability.logging import configure_logging
 
 TEXT_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} INFO    (\S+) (\S+) (\S+) (\d+) (\d+\.\d)ms$")
 DROPPED = re.compile(r"access log: (\d+) line\(s\) dropped")

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from core.errors import AppError, Conflict, Unprocessable
+from core.edge.errors import AppError, Conflict, Unprocessable
 from modules.billing.domain import (
     MAX_LINES,
     MAX_QUANTITY,

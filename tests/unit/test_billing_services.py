@@ -16,12 +16,18 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.edge.errors import NotFound, Unprocessable
+from core.edge.pagination import CursorCodec
 from core.email import InMemoryEmailSender
-from core.errors import NotFound, Unprocessable
-from core.outbox import EVENT, JOB, Inbox, Outbox, OutboxMessage
-from core.pagination import CursorCodec
-from core.payments import DECLINED, SUCCEEDED, FakePaymentGateway, GatewayEvent, GatewayUnavailable
+from core.messaging.outbox import EVENT, JOB, Inbox, Outbox, OutboxMessage
 from core.security import Principal
+from modules.billing.adapters.gateway import (
+    DECLINED,
+    SUCCEEDED,
+    FakePaymentGateway,
+    GatewayEvent,
+    GatewayUnavailable,
+)
 from modules.billing.domain import (
     InvoiceNotFound,
     InvoiceNotPayable,

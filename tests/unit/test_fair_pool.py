@@ -1,4 +1,4 @@
-"""core.fair_pool: waiting checkouts are served in arrival order, and nothing is lost on the way."""
+"""core.fastpath.pool: waiting checkouts are served in arrival order, and nothing is lost on the way."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from sqlalchemy import text
 from sqlalchemy.util.concurrency import greenlet_spawn
 from sqlalchemy.util.queue import Empty
 
-from core.db import create_engine
-from core.fair_pool import FairQueue, FairQueuePool
+from core.db.engine import create_engine
+from core.fastpath.pool import FairQueue, FairQueuePool
 
 
 async def get(queue: FairQueue[Any], wait: float | None = None) -> Any:

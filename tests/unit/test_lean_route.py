@@ -1,4 +1,4 @@
-"""The lean request handler (``core.lean_route``) answers every request exactly as FastAPI's own does.
+"""The lean request handler (``core.fastpath.handler``) answers every request exactly as FastAPI's own does.
 
 Each request goes to two apps built from the same endpoints: one on plain ``APIRoute``, one whose
 routes take ``lean_app`` as ``TransactionalRoute`` installs it. Status, headers, body bytes and the
@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from core.lean_route import _qualifies, lean_app
+from core.fastpath.handler import _qualifies, lean_app
 
 CALLS: list[str] = []  # what the dependencies, endpoints and background tasks did, in order
 FELL_BACK: list[str] = []  # the paths a lean route passed to FastAPI's own app

@@ -1,4 +1,4 @@
-"""core.metrics: HTTP recording, the pool collector, job and outbox metrics, multiprocess plumbing."""
+"""core.observability.metrics: HTTP recording, the pool collector, job and outbox metrics, multiprocess."""
 
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ from sqlalchemy.pool import NullPool
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from core import metrics
-from core.db import UnitOfWork, create_engine, session_factory
-from core.outbox import Inbox, Outbox, OutboxRelay
-from core.queue import JobContext, JobRunner, LoopBridge, stub_broker, task
+from core.db.engine import create_engine
+from core.db.session import UnitOfWork, session_factory
+from core.messaging.outbox import Inbox, Outbox, OutboxRelay
+from core.messaging.queue import JobContext, JobRunner, LoopBridge, stub_broker, task
+from core.observability import metrics
 from tests.conftest import migrated
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -198,7 +199,7 @@ class TestMultiprocessMode:
         self, multiprocess_dir: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         registry = metrics.new_registry()
-        assert getattr(values.ValueClass, "_multiprocess", False)
+        assert values.ValueClass is not values.MutexValue
         assert metrics.multiprocess_dir() == str(multiprocess_dir)
         Counter("probe_things", "Things.", ["kind"], registry=registry).labels("a").inc(3)
         assert list(multiprocess_dir.glob("counter_*.db"))  # the value lives in this process's file

@@ -1,4 +1,4 @@
-"""``core.module_docs``: docs/modules.md is generated, deterministic and kept up to date."""
+"""``tooling.module_docs``: docs/modules.md is generated, deterministic and kept up to date."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 
 import main
 from core.module import load_modules
-from core.module_docs import render
-from core.verify import discover
+from tooling.module_docs import render
+from tooling.verify import discover
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs" / "modules.md"
@@ -87,7 +87,7 @@ A_PUBLIC = '''\
 from dataclasses import dataclass
 from typing import Protocol
 
-from core.events import IntegrationEvent
+from core.messaging.events import IntegrationEvent
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ from dependency_injector import containers
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from core.module import Module
-from core.queue import JobContext, task
+from core.messaging.queue import JobContext, task
 from PKG.a.public import ThingMade
 
 

@@ -17,16 +17,16 @@ from pydantic import BaseModel
 
 import modules
 from containers import build_container
+from core.messaging.queue import JobContext, Task, task
 from core.module import Module, ModuleError, import_module, load_modules
-from core.queue import JobContext, Task, task
 from tests.conftest import make_settings
 
 HEADER = """\
 from dependency_injector import containers, providers
 
-from core.events import IntegrationEvent
+from core.messaging.events import IntegrationEvent
 from core.module import Module
-from core.queue import JobContext, task
+from core.messaging.queue import JobContext, task
 """
 
 MakeModule = Callable[..., None]
@@ -307,7 +307,7 @@ def test_a_module_named_like_a_core_provider_is_refused(make_module: MakeModule,
         build_container(make_settings(modules=("users", clashing)))
 
 
-# --- core.queue.task ------------------------------------------------------------------------------
+# --- core.messaging.queue.task ------------------------------------------------------------------------------
 
 
 class Payload(BaseModel):

@@ -1,8 +1,8 @@
-"""``core.verify``: each rule caught on a deliberately broken module, and the real project clean.
+"""``tooling.verify``: each rule caught on a deliberately broken module, and the real project clean.
 
 Broken modules are real packages written under ``tmp_path/<package>/`` (a fresh package name per
 test, ``tmp_path`` on ``sys.path``) and verified with ``verify(..., package=<package>)``, so
-nothing is added to ``modules/`` and no table lands on ``core.db.Base``: each throwaway package
+nothing is added to ``modules/`` and no table lands on ``core.db.session.Base``: each throwaway package
 has its own declarative base in ``<package>/db.py``.
 """
 
@@ -19,8 +19,8 @@ import pytest
 
 from containers import build_container
 from core.module import load_modules
-from core.verify import Violation, discover, verify
 from tests.conftest import make_settings
+from tooling.verify import Violation, discover, verify
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -320,7 +320,7 @@ def test_a_provider_core_offers_does_not_make_a_dependency_used(tree: Tree) -> N
 # --- actors -------------------------------------------------------------------------------------------
 
 TASKS = '''\
-from core.queue import JobContext, task
+from core.messaging.queue import JobContext, task
 
 
 @task("{name}")
@@ -341,7 +341,7 @@ def test_an_actor_outside_its_module_namespace_is_refused(tree: Tree) -> None:
 
 def test_an_actor_name_that_is_not_module_dot_verb_is_refused(tree: Tree) -> None:
     tree.module("a", imports="from typing import Any\nfrom pydantic import TypeAdapter\n"
-                             "from core.queue import Task\nfrom PKG.a.tasks import run",
+                             "from core.messaging.queue import Task\nfrom PKG.a.tasks import run",
                 kwargs='tasks=(Task("a.Run-Now", run.fn, TypeAdapter(Any)),)',
                 files={"tasks.py": TASKS.format(name="a.run")})
 
@@ -367,7 +367,7 @@ def test_a_task_and_a_handler_with_one_name_but_two_functions_are_refused(tree: 
                              "from PKG.a.events import Happened",
                 kwargs="tasks=(run,), subscriptions={Happened: (again,)}",
                 files={"tasks.py": TASKS.format(name="a.run"), "more.py": TASKS.format(name="a.run"),
-                       "events.py": "from core.events import IntegrationEvent\n\n\n"
+                       "events.py": "from core.messaging.events import IntegrationEvent\n\n\n"
                                     "class Happened(IntegrationEvent):\n    name = 'a.Happened'\n"})
 
     assert "actor name 'a.run' is declared 2 times" in only(tree.verify("a"), "actor").message
@@ -377,7 +377,7 @@ def test_one_task_listed_as_task_and_handler_is_one_actor(tree: Tree) -> None:
     tree.module("a", imports="from PKG.a.tasks import run\nfrom PKG.a.events import Happened",
                 kwargs="tasks=(run,), subscriptions={Happened: (run,)}",
                 files={"tasks.py": TASKS.format(name="a.run"),
-                       "events.py": "from core.events import IntegrationEvent\n\n\n"
+                       "events.py": "from core.messaging.events import IntegrationEvent\n\n\n"
                                     "class Happened(IntegrationEvent):\n    name = 'a.Happened'\n"})
 
     assert tree.verify("a") == []
@@ -438,13 +438,14 @@ def test_a_table_defined_outside_any_module_is_refused(tree: Tree) -> None:
 
 
 def test_a_module_cannot_claim_a_core_table(tree: Tree) -> None:
-    """On the real ``core.db.Base``: core's tables are the models defined under core/."""
-    tree.module("a", imports="from core.outbox import OutboxMessage", kwargs="models=(OutboxMessage,)")
+    """On the real ``core.db.session.Base``: core's tables are the models defined under core/."""
+    tree.module("a", imports="from core.messaging.outbox import OutboxMessage",
+                kwargs="models=(OutboxMessage,)")
 
     violations = verify(["a"], tree.root, package=tree.package)
 
     messages = [v.message for v in violations if v.rule == "table"]
-    assert any("table 'outbox_messages' is core's (core.outbox), but module 'a' declares it" in m
+    assert any("table 'outbox_messages' is core's (core.messaging.outbox), but module 'a' declares it" in m
                for m in messages), messages
 
 

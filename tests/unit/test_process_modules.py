@@ -17,10 +17,10 @@ from sqlalchemy import select
 import main
 from config import ConfigError, load_settings
 from containers import build_container
-from core.db import UnitOfWork
-from core.events import IntegrationEvent
+from core.db.session import UnitOfWork
+from core.messaging.events import IntegrationEvent
+from core.messaging.outbox import Outbox, OutboxMessage
 from core.module import ModuleError, load_modules, select_modules
-from core.outbox import Outbox, OutboxMessage
 from modules.billing.public import PaymentSucceeded
 from modules.users.public import UserRegistered
 from tests.conftest import make_settings, migrated

@@ -14,11 +14,11 @@ import sqlalchemy.exc
 from loguru import logger
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core import access_log
-from core.context import accept_request_id, new_request_id, request_id_var
-from core.error_handlers import ErrorMiddleware
-from core.logging import configure_logging
-from core.middleware import RequestContextMiddleware
+from core.edge.error_handlers import ErrorMiddleware
+from core.edge.middleware import RequestContextMiddleware
+from core.observability import access_log
+from core.observability.context import accept_request_id, new_request_id, request_id_var
+from core.observability.logging import configure_logging
 
 GENERATED = re.compile(r"^[0-9a-f]{32}$")
 
@@ -309,7 +309,7 @@ def log_lines() -> Iterator[list[str]]:
 
 @pytest.fixture
 def access_lines(log_lines: list[str]) -> Callable[[], list[str]]:
-    """The access log's lines (``core.access_log``, not loguru), read after a flush."""
+    """The access log's lines (``core.observability.access_log``, not loguru), read after a flush."""
     stream = io.StringIO()
     log = access_log.configure(json=False, enabled=True, stream=lambda: stream)
 

@@ -1,4 +1,4 @@
-"""The route index (``core.route_index``) dispatches every request as the router it stands in for.
+"""The route index (``core.fastpath.route_index``) dispatches every request as the router it stands in for.
 
 Each route table is built twice: one app plain, one with ``install_route_index(app.router)``. The
 same request goes to both, and status, headers and body must be equal. The endpoints echo what
@@ -33,8 +33,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 import main
-from core.route_index import RouteIndex, install_route_index
-from core.web import TransactionalRoute, add_routes
+from core.edge.routes import TransactionalRoute, add_routes
+from core.fastpath.route_index import RouteIndex, install_route_index
 from tests.conftest import make_settings
 
 with warnings.catch_warnings():
@@ -381,7 +381,7 @@ def files_app() -> Starlette:
 
 
 def live_router() -> APIRouter:
-    """A router ``core.web.add_routes`` keeps nested: it holds a websocket route."""
+    """A router ``core.edge.routes.add_routes`` keeps nested: it holds a websocket route."""
     router = APIRouter()
     api(router, "/status", "live_status", "GET")
     api(router, "/{what}", "live_what", "POST")

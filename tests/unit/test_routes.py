@@ -1,4 +1,4 @@
-"""One flat route table (``core.web.add_routes``) and ``Provided`` parameters solved by the route.
+"""One flat route table (``core.edge.routes.add_routes``) and ``Provided`` parameters solved by the route.
 
 Both are optimisations: a client must not be able to tell them from nested ``include_router`` and
 FastAPI's own dependency solving (same OpenAPI document, same answers, same names).
@@ -21,10 +21,10 @@ from starlette.routing import Route
 from starlette.types import Message, Scope
 
 import main
-from core.di import Provided
-from core.health import router as health_router
+from core.edge.health import router as health_router
+from core.edge.provided import Provided
+from core.edge.routes import TransactionalRoute, add_routes
 from core.module import select_modules
-from core.web import TransactionalRoute, add_routes
 from tests.conftest import make_settings
 
 # --- the app's own route table ------------------------------------------------------------------------

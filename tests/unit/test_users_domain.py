@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.errors import AppError, Conflict, Unauthorized
+from core.edge.errors import AppError, Conflict, Unauthorized
 from modules.users.domain import EmailTaken, InvalidCredentials, normalize_email, welcome_email
 
 

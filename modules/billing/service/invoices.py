@@ -9,8 +9,8 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.db import utcnow
-from core.pagination import CursorCodec, InvalidCursor
+from core.db.base import utcnow
+from core.edge.pagination import CursorCodec, InvalidCursor
 from core.security import Principal
 from modules.billing.domain import (
     InvoiceNotFound,

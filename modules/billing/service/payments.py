@@ -13,10 +13,11 @@ from datetime import datetime
 from loguru import logger
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.db import utcnow
+from core.db.base import utcnow
 from core.email import EmailMessage, EmailSender
-from core.outbox import Inbox, Outbox
-from core.payments import (
+from core.messaging.outbox import Inbox, Outbox
+from core.security import Principal
+from modules.billing.adapters.gateway import (
     DECLINED,
     PENDING,
     SUCCEEDED,
@@ -26,7 +27,6 @@ from core.payments import (
     GatewayRejected,
     PaymentGateway,
 )
-from core.security import Principal
 from modules.billing.domain import (
     InvoiceNotPayable,
     InvoiceStatus,

@@ -1,0 +1,183 @@
+"""The request edge: the routes' table, the sessions of a request and its one commit."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.routing import APIRoute
+from loguru import logger
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from core.db.engine import database_unavailable
+from core.db.session import commit, rollback
+from core.edge.provided import provide, provided_path
+
+_DEFAULT_LIFESPAN = type(APIRouter().lifespan_context)  # what a router without a lifespan has
+# Every option of a route that ``add_api_route`` takes back (path and endpoint are passed apart).
+_ROUTE_OPTIONS = tuple(
+    name for name in inspect.signature(APIRouter.add_api_route).parameters
+    if name not in ("self", "path", "endpoint", "route_class_override")
+)
+
+
+def add_routes(target: APIRouter, source: APIRouter, prefix: str = "") -> None:
+    """Adds ``source``'s routes to ``target`` itself, under ``prefix``: one flat table.
+
+    ``target.include_router(source)`` keeps ``source`` as a nested router that every request walks
+    (and re-checks for changes) on its way to a route: with the three modules included under
+    ``/api/v1`` that was about a fifth of a cached read's cost (bench/README.md). Each route is
+    instead re-created on ``target`` with all of its options, its route class included, so the
+    OpenAPI document and the behaviour are those of ``include_router`` (tests/unit/test_routes.py).
+    A router holding anything but plain API routes (a websocket, a mount) or with a lifespan or
+    startup/shutdown handlers of its own is included as before.
+    """
+    plain = all(type(route) is not APIRouter and isinstance(route, APIRoute) for route in source.routes)
+    # A router's own lifespan or startup/shutdown handlers are only merged by include_router.
+    lifecycle = (source.on_startup or source.on_shutdown
+                 or type(source.lifespan_context) is not _DEFAULT_LIFESPAN)
+    if not plain or lifecycle:
+        target.include_router(source, prefix=prefix)
+        return
+    for route in source.routes:
+        assert isinstance(route, APIRoute)
+        options = {name: getattr(route, name) for name in _ROUTE_OPTIONS}
+        target.add_api_route(prefix + route.path, route.endpoint, route_class_override=type(route), **options)
+
+
+_SESSION = "atrium.db_session"  # kept in the ASGI scope: one per request
+_READ_SESSION = "atrium.db_read_session"
+
+
+async def _session(request: Request) -> AsyncSession:
+    session = request.scope.get(_SESSION)
+    if session is None:
+        session = request.scope[_SESSION] = request.app.state.sessions()
+    return session
+
+
+DbSession = Annotated[AsyncSession, Depends(_session)]
+
+
+async def _read_session(request: Request) -> AsyncSession:
+    read_sessions = request.app.state.read_sessions
+    if not read_sessions.replicated:
+        return await _session(request)  # no replicas: the request's one session, one connection
+    session = request.scope.get(_READ_SESSION)
+    if session is None:
+        session = request.scope[_READ_SESSION] = await read_sessions.open()
+    return session
+
+
+# A session for read-only use cases: on a read replica (round-robin), on the primary when none
+# answers (core.db.session.ReadSessions). Never committed: TransactionalRoute closes it, which rolls it
+# back. Without replicas it is the request's DbSession. It may lag the primary by the replication
+# delay, so a read that must see the caller's own write of a moment ago takes DbSession instead
+# (README "Read replicas").
+ReadSession = Annotated[AsyncSession, Depends(_read_session)]
+
+
+_REQUEST = "atrium_request__"  # the Request parameter a route with Provided parameters gets
+
+
+def _resolve_provided(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """``endpoint`` with its ``Provided`` parameters filled by a direct container call.
+
+    FastAPI solves each ``Depends`` of a request through its generic machinery, about 20 µs apiece
+    (bench/README.md); a ``Provided`` needs only ``provide(request, path)``. The returned endpoint
+    has the same name, docstring and parameters minus the provided ones plus a ``Request``, so
+    FastAPI validates, documents and names the route exactly as before.
+    """
+    if not inspect.iscoroutinefunction(endpoint):
+        return endpoint
+    hints = typing.get_type_hints(endpoint, include_extras=True)
+    signature = inspect.signature(endpoint)
+    provided = {name: path for name in signature.parameters
+                if (path := provided_path(hints.get(name))) is not None}
+    if not provided or _REQUEST in signature.parameters:
+        return endpoint
+    kept = [p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in signature.parameters.values() if p.name not in provided]
+    # FastAPI gives the request to one parameter only: the endpoint's own, when it has one.
+    own = next((p.name for p in kept if p.annotation is Request), None)
+    if own is None:
+        kept.append(inspect.Parameter(_REQUEST, inspect.Parameter.KEYWORD_ONLY, annotation=Request))
+        kept.sort(key=lambda p: p.kind)  # keyword-only parameters last, as a signature requires
+    paths = tuple(provided.items())
+
+    @functools.wraps(endpoint)
+    async def with_provided(**kwargs: Any) -> Any:
+        request = kwargs.pop(_REQUEST) if own is None else kwargs[own]
+        for name, path in paths:
+            kwargs[name] = provide(request, path)
+        return await endpoint(**kwargs)
+
+    with_provided.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=kept, return_annotation=hints.get("return", signature.return_annotation))
+    return with_provided
+
+
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
+
+
+def _transactional(handler: Handler) -> Handler:
+    async def run(request: Request) -> Response:
+        try:
+            response = await handler(request)
+        except BaseException:
+            await _finish(request, ok=False)
+            raise
+        await _finish(request, ok=response.status_code < 400)
+        return response
+
+    return run
+
+
+class TransactionalRoute(APIRoute):
+    """Commits the request's session after the endpoint succeeds and before the response is sent.
+
+    The one commit of a request lives here; a 4xx/5xx response or an exception rolls back. Its
+    endpoints' ``Provided`` parameters are resolved directly (``_resolve_provided``). With the fast
+    path on, ``core.fastpath`` gives ordinary requests a leaner handler wrapped by the same
+    ``around`` (``_transactional``).
+    """
+
+    around = staticmethod(_transactional)  # what wraps any handler of the route (the fast path's too)
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, _resolve_provided(endpoint), **kwargs)
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        return _transactional(super().get_route_handler())
+
+
+async def _finish(request: Request, *, ok: bool) -> None:
+    reader: AsyncSession | None = request.scope.pop(_READ_SESSION, None)
+    session: AsyncSession | None = request.scope.pop(_SESSION, None)
+    try:
+        if session is None:
+            return
+        if ok:
+            await commit(session, close=True)  # closed even when the commit fails
+        else:
+            try:
+                await rollback(session)
+            finally:
+                await session.close()
+    finally:
+        if reader is not None:
+            await _close_reader(reader)
+
+
+async def _close_reader(reader: AsyncSession) -> None:
+    """Roll back and release a read session; a replica lost meanwhile can't spoil the answer."""
+    try:
+        await reader.close()
+    except Exception as exc:
+        if not database_unavailable(exc):
+            raise
+        logger.warning("closing a read session failed: {}", type(exc).__name__)
