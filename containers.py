@@ -72,6 +72,11 @@ def _pool_options(s: Settings) -> dict[str, Any]:
     }
 
 
+def _fast_options(pieces: frozenset[str]) -> dict[str, bool]:
+    """The engine options of the fast path's database pieces."""
+    return {"fast_path": "transactions" in pieces, "fair_pool": "pool" in pieces}
+
+
 class Core(containers.DeclarativeContainer):
     """Infrastructure every module may ask for, by these provider names."""
 
@@ -80,10 +85,12 @@ class Core(containers.DeclarativeContainer):
     modules = providers.Dependency(instance_of=list)
 
     # Whether the fast path serves this process (core/fastpath/README.md): resolved once, logged once.
-    fast_path = providers.Singleton(fastpath.resolve, settings.provided.fast_path)
+    fast_path = providers.Singleton(
+        fastpath.pieces, settings.provided.fast_path, settings.provided.fast_path_skip
+    )
 
     engine = providers.Singleton(
-        lambda s, fast: db_engine.create_engine(s.database_url, fast_path=fast, **_pool_options(s)),
+        lambda s, fast: db_engine.create_engine(s.database_url, **_fast_options(fast), **_pool_options(s)),
         settings, fast_path,
     )
     sessions = providers.Singleton(session.session_factory, engine)
@@ -93,7 +100,7 @@ class Core(containers.DeclarativeContainer):
         # Always pinged on checkout (ping_after=0): ReadSessions learns that a replica is down from
         # that ping and sends the read to the primary; a skipped ping would make the read fail.
         lambda s, fast: db_engine.create_engines(
-            s.database_replica_urls, fast_path=fast, **{**_pool_options(s), "ping_after": 0.0}
+            s.database_replica_urls, **_fast_options(fast), **{**_pool_options(s), "ping_after": 0.0}
         ),
         settings, fast_path,
     )
@@ -113,7 +120,7 @@ class Core(containers.DeclarativeContainer):
             cache.RedisCache.from_url,
             settings.provided.redis_url,
             namespace=settings.provided.cache_namespace,
-            pipelined=fast_path,
+            pipelined=providers.Callable(lambda pieces: "redis" in pieces, fast_path),
         ),
     )
 
@@ -195,7 +202,7 @@ class Core(containers.DeclarativeContainer):
             settings.provided.redis_url,
             namespace=settings.provided.cache_namespace,
             timeout=settings.provided.rate_limit_timeout,
-            pipelined=fast_path,
+            pipelined=providers.Callable(lambda pieces: "redis" in pieces, fast_path),
         ),
     )
     rate_limiter_lifecycle = providers.Resource(_closing_rate_limiter, rate_limiter)

@@ -29,7 +29,7 @@ from core.edge.error_handlers import ErrorMiddleware, install_error_handlers
 from core.edge.errors import AppError
 from core.edge.health import router as health_router
 from core.edge.middleware import RequestContextMiddleware
-from core.edge.routes import add_routes
+from core.edge.routes import add_routes, check_provided
 from core.messaging.queue import ping_broker
 from core.module import Module, ModuleError, load_modules, select_modules
 from core.observability.access_log import access_log
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in served:
         if module.router is not None:
             add_routes(app.router, module.router, prefix=API_PREFIX)
+    check_provided(app.router, container)  # a Provided("...") typo fails here, not on a request
 
     # Added innermost first: RequestContext -> metrics -> ErrorMiddleware -> RateLimit -> routes
     # (a 429 carries the request id and is counted like any other response).
@@ -79,7 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_metrics(app, container.metrics_registry(), pool=container.pool_metrics())
     app.add_middleware(RequestContextMiddleware)
     if container.fast_path():
-        fastpath.install(app.router)  # the lean handler and the route index (core/fastpath/README.md)
+        # The lean handler and the route index (core/fastpath/README.md).
+        fastpath.install(app.router, container.fast_path())
     return app
 
 

@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
-"""Benchmark ``GET /api/v1/items/{id}`` and ``POST /api/v1/items`` on the production profile
-against bare FastAPI baselines, plus 2 workers vs 1 and the worker's memory after 100k/200k requests.
+"""Benchmark ``GET /api/v1/items/{id}`` and ``POST /api/v1/items`` on the production profile, with
+the fast path on and off (``ATRIUM_FAST_PATH``), against bare FastAPI baselines, plus 2 workers vs
+1 and the worker's memory after 100k/200k requests; or, with ``--pieces``, what each piece of the
+fast path buys on its own.
 
 Everything it needs it builds, and everything it builds it removes (in ``finally``, Ctrl-C
 included): a private PostgreSQL database ``atrium_bench_<random>``, Redis keys under a private
-namespace, four product servers (cache on, cache off, two workers, a fresh one for the memory
-run), one baseline server and their logs. The issue's targets are printed as PASS/FAIL.
+namespace, the product servers (per fast path mode: cache on, cache off, two workers, a fresh one
+for the memory run), one baseline server and their logs. Every row reports the CPU time its server
+(the whole process tree: uvicorn's master and workers) spent per request. The issue's targets are
+printed as PASS/FAIL for each mode.
 
-    python bench/run.py            # 3 rounds x 10 s per target + the memory run (about 10 minutes)
-    python bench/run.py --quick    # smoke: 1 round x 2 s per target, memory run scaled down
+    python bench/run.py            # on and off, 3 rounds x 10 s per target + memory runs (~12 minutes)
+    python bench/run.py --quick    # smoke: 1 round x 2 s per target, memory runs scaled down (~2 minutes)
+    python bench/run.py --pieces   # each piece left off in turn vs all on and all off (~12 minutes)
+    python bench/run.py --pieces --quick
 
 See bench/README.md for what each row measures and how to read the ratios.
 """
@@ -48,6 +54,12 @@ PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 API = "/api/v1"
 ADMIN_EMAIL = "bench-admin@example.com"
+
+# The fast path's pieces (core.fastpath.PIECES; checked against the product at start-up) and the
+# modes ATRIUM_FAST_PATH takes.
+PIECES = ("handler", "route_index", "transactions", "pool", "redis")
+MODES = ("on", "off", "auto")
+PIECE_BAR_PCT = 5.0  # a piece that buys less than this on every row goes (issue 14, item 8)
 
 
 class BenchError(Exception):
@@ -202,7 +214,7 @@ def http(
         return exc.code, dict(exc.headers), exc.read()
 
 
-def wait_ready(proc: Proc, url: str, timeout: float = 60.0) -> None:
+def wait_ready(proc: Proc, url: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
@@ -233,6 +245,76 @@ def cache_counters(base: str) -> dict[str, float]:
     return counters
 
 
+
+
+# --- CPU time of a server's process tree ----------------------------------------------------
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PROC_CHILDREN = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists()
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (state) on: the command name may hold spaces and parentheses."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2:].split()
+
+
+def _children(pid: int) -> list[int]:
+    if _PROC_CHILDREN:
+        kids: list[int] = []
+        with suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with suppress(OSError):
+                    kids += [int(child) for child in (task / "children").read_text().split()]
+        return kids
+    kids = []  # a kernel without /proc/<pid>/task/<tid>/children: find the children by parent pid
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields is not None and int(fields[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (uvicorn's master, its workers, anything they started)."""
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending += _children(current)
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid``'s process tree: each live process's own time (all its
+    threads) plus the time of its children already reaped (cutime, cstime), so a worker that exits
+    mid-window is still counted. None when it cannot be read (no /proc and no psutil)."""
+    if Path("/proc/self/stat").exists():
+        ticks, seen = 0, False
+        for member in process_tree(pid):
+            fields = _stat_fields(member)
+            if fields is not None:  # utime, stime, cutime, cstime: fields 14-17
+                ticks += sum(int(value) for value in fields[11:15])
+                seen = True
+        return ticks / _CLK_TCK if seen else None
+    try:
+        import psutil  # type: ignore[import-not-found]  # only where there is no /proc; never installed for this
+    except ImportError:
+        return None
+    try:
+        root = psutil.Process(pid)
+        total = 0.0
+        for member in [root, *root.children(recursive=True)]:
+            with suppress(psutil.NoSuchProcess):
+                t = member.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+        return total
+    except psutil.NoSuchProcess:
+        return None
 # --- wrk ------------------------------------------------------------------------------------
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
@@ -281,6 +363,9 @@ class Sample:
     requests: int
     non_2xx: int
     socket_errors: dict[str, int]
+    # The server's process tree over the wrk run: CPU seconds, and microseconds per request done.
+    cpu_s: float | None = None
+    cpu_us_per_request: float | None = None
 
     @property
     def errors(self) -> int:
@@ -330,16 +415,24 @@ RSS_GROWTH_MAX_MB = 2.0  # "no growth" between the two milestones, within alloca
 
 @dataclass
 class Target:
-    key: str
+    key: str  # unique: "bare", "warm@on", "cold@skip-pool"
+    row: str  # what is measured: "bare", "warm", "cold", "post", ...
     label: str
     base: str  # http://127.0.0.1:port
     path: str  # a fixed path, or a prefix the rotation script appends ids to
+    pid: int | None = None  # the server's root process: its tree's CPU time is read around each run
+    mode: str | None = None  # the product server's variant ("on", "off", "skip-pool"); None: baseline
+    mode_label: str = ""
     rotate: bool = False
     baseline: str | None = None  # key of the target this one is compared with
     note: str = ""
     script: Path | None = None  # a wrk Lua script of its own (POST)
     product: bool = False  # a product row: its p99/p50 is held to the target
     samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.label} [{self.mode_label}]" if self.mode else self.label
 
 
 class Wrk:
@@ -358,17 +451,67 @@ class Wrk:
             return [*argv, "-s", str(target.script), target.base + target.path]
         return [*argv, target.base + target.path]
 
-    def run(self, target: Target, seconds: float) -> Sample:
+    def run(self, target: Target, seconds: float, *, cpu: bool = False) -> Sample:
+        """One wrk run; with ``cpu``, the CPU time of the target's server tree over it as well."""
+        before = tree_cpu_seconds(target.pid) if cpu and target.pid else None
         result = subprocess.run(
             self.argv(target, seconds), capture_output=True, text=True, timeout=seconds + 60,
             stdin=subprocess.DEVNULL,
         )
+        after = tree_cpu_seconds(target.pid) if before is not None and target.pid else None
         if result.returncode != 0:
-            raise BenchError(f"wrk failed on {target.label}: {result.stderr or result.stdout}")
-        return parse_wrk(result.stdout)
+            raise BenchError(f"wrk failed on {target.name}: {result.stderr or result.stdout}")
+        sample = parse_wrk(result.stdout)
+        if before is not None and after is not None:
+            sample.cpu_s = round(after - before, 3)
+            if sample.requests:
+                sample.cpu_us_per_request = round((after - before) * 1e6 / sample.requests, 1)
+        return sample
 
 
 # --- the run --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of the product servers: a fast path mode, less some pieces."""
+
+    name: str  # "on", "off", "auto", "skip-pool"
+    label: str  # "fast path on", "on - pool"
+    fast_path: str  # ATRIUM_FAST_PATH
+    skip: tuple[str, ...] = ()  # ATRIUM_FAST_PATH_SKIP
+
+    @classmethod
+    def mode(cls, mode: str) -> Variant:
+        return cls(mode, f"fast path {mode}", mode)
+
+    @classmethod
+    def without(cls, piece: str) -> Variant:
+        return cls(f"skip-{piece}", f"on - {piece}", "on", (piece,))
+
+    def env(self) -> dict[str, str]:
+        env = {"ATRIUM_FAST_PATH": self.fast_path}
+        if self.skip:
+            env["ATRIUM_FAST_PATH_SKIP"] = ",".join(self.skip)
+        return env
+
+    def expected_pieces(self) -> list[str] | None:
+        """The pieces a server of this variant must run; None when it depends on the versions (auto)."""
+        if self.fast_path == "off":
+            return []
+        if self.fast_path == "on":
+            return sorted(set(PIECES) - set(self.skip))
+        return None
+
+
+@dataclass
+class Server:
+    proc: Proc
+    base: str  # http://127.0.0.1:port
+
+    @property
+    def pid(self) -> int:
+        return self.proc.popen.pid
 
 
 @dataclass
@@ -383,14 +526,34 @@ class Config:
     output: Path
     keep_logs: bool
     memory_requests: int  # the first RSS milestone; the second is twice as many
+    modes: tuple[str, ...]  # ATRIUM_FAST_PATH of the product servers, side by side
+    pieces: tuple[str, ...]  # --pieces: the pieces measured one by one (empty: the main benchmark)
+
+
+def _names(value: str, known: Sequence[str], what: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{what}: {', '.join(unknown) or 'none given'}; "
+                                         f"choose from {', '.join(known)}")
+    return names
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
     parser = argparse.ArgumentParser(
         prog="bench/run.py",
-        description="GET and POST /api/v1/items on the production profile vs bare FastAPI baselines.",
+        description="GET and POST /api/v1/items on the production profile, fast path on and off, vs bare "
+                    "FastAPI baselines; or (--pieces) what each piece of the fast path buys.",
     )
     parser.add_argument("--quick", action="store_true", help="smoke mode: 1 round x 2 s per target")
+    parser.add_argument("--modes", type=lambda v: _names(v, MODES, "--modes"),
+                        help="comma list of ATRIUM_FAST_PATH modes measured side by side "
+                             "(default on,off; also auto)")
+    parser.add_argument("--pieces", nargs="?", const=",".join(PIECES),
+                        type=lambda v: _names(v, PIECES, "--pieces"), metavar="PIECE,...",
+                        help="instead of the main benchmark: for each piece (default all: "
+                             f"{','.join(PIECES)}), the warm, cold and POST rows with the fast path on "
+                             "and ATRIUM_FAST_PATH_SKIP=<piece>, interleaved with all on and all off")
     parser.add_argument("--rounds", type=int, help="rounds per target (default 3; quick 1)")
     parser.add_argument("--duration", type=float, help="seconds per wrk run (default 10; quick 2)")
     parser.add_argument("--warmup", type=float, help="seconds of wrk warm-up per target (default 3; quick 1)")
@@ -398,13 +561,21 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     parser.add_argument("--items", type=int, help="items the cold rows rotate over (default 256; quick 128)")
     parser.add_argument("--output", type=Path,
-                        help="results path without suffix (default bench/results/latest; quick: .../quick)")
+                        help="results path without suffix (default bench/results/latest, --pieces: "
+                             ".../pieces; quick: .../quick, .../quick-pieces)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (path printed)")
     parser.add_argument("--memory-requests", type=int,
-                        help="RSS read after this many warm GETs and twice as many (default 100000; "
-                             "quick 10000; 0 skips the memory run)")
+                        help="RSS read after this many warm GETs and twice as many, on a fresh server "
+                             "per mode (default 100000; quick 10000; 0 skips the memory runs; "
+                             "not with --pieces)")
     args = parser.parse_args(argv)
     quick = args.quick
+    pieces: tuple[str, ...] = args.pieces or ()
+    if pieces and args.modes is not None:
+        parser.error("--pieces measures on, off and on-minus-each-piece; --modes does not apply")
+    if pieces and args.memory_requests:
+        parser.error("--pieces has no memory run; --memory-requests does not apply")
+    default_output = ("quick-pieces" if quick else "pieces") if pieces else ("quick" if quick else "latest")
     config = Config(
         rounds=args.rounds or (1 if quick else 3),
         duration=args.duration or (2.0 if quick else 10.0),
@@ -413,16 +584,98 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         connections=args.connections,
         items=args.items or (128 if quick else 256),
         quick=quick,
-        output=args.output or RESULTS / ("quick" if quick else "latest"),
+        output=args.output or RESULTS / default_output,
         keep_logs=args.keep_logs,
-        memory_requests=(args.memory_requests if args.memory_requests is not None
-                         else (10_000 if quick else 100_000)),
+        memory_requests=0 if pieces else (args.memory_requests if args.memory_requests is not None
+                                          else (10_000 if quick else 100_000)),
+        modes=args.modes or ("on", "off"),
+        pieces=pieces,
     )
     if config.rounds < 1 or config.duration <= 0 or config.threads < 1 or config.connections < config.threads:
         parser.error("rounds >= 1, duration > 0, threads >= 1 and connections >= threads are required")
     if config.items < config.threads:
         parser.error("--items must be at least --threads")
     return config
+
+
+# Which pieces a server of each variant runs, asked of the product's own settings and
+# core.fastpath in a subprocess with the servers' environment (the benchmark imports nothing of
+# Atrium): a skip the app ignored would make a piece's figures meaningless.
+PIECES_PROBE = """\
+import json, os, sys
+from config import load_settings
+from core import fastpath
+found = {"PIECES": list(fastpath.PIECES)}
+for name, env in json.loads(sys.stdin.read()).items():
+    for key in ("ATRIUM_FAST_PATH", "ATRIUM_FAST_PATH_SKIP"):
+        os.environ.pop(key, None)
+    os.environ.update(env)
+    settings = load_settings()
+    found[name] = sorted(fastpath.pieces(settings.fast_path, tuple(settings.fast_path_skip)))
+print(json.dumps(found))
+"""
+
+
+def _rotated(items: Sequence[Any], by: int) -> list[Any]:
+    by %= max(len(items), 1)
+    return [*items[by:], *items[:by]]
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def paired_gain(with_it: Target, without_it: Target) -> dict[str, Any]:
+    """What ``with_it`` buys over ``without_it``, round by round (both ran in the same round), then
+    the median: req/s gain = req/s(with) / req/s(without) - 1; CPU saved = 1 - CPU µs per request
+    (with) / CPU µs per request (without). In per cent; positive: ``with_it`` is better."""
+    rps = [a.rps / b.rps - 1 for a, b in zip(with_it.samples, without_it.samples, strict=True) if b.rps]
+    cpu = [1 - a.cpu_us_per_request / b.cpu_us_per_request
+           for a, b in zip(with_it.samples, without_it.samples, strict=True)
+           if a.cpu_us_per_request and b.cpu_us_per_request]
+    return {
+        "rps_gain_pct": _round(100 * statistics.median(rps), 1) if rps else None,
+        "cpu_saved_pct": _round(100 * statistics.median(cpu), 1) if cpu else None,
+        "rounds_rps_gain_pct": [round(100 * x, 1) for x in rps],
+        "rounds_cpu_saved_pct": [round(100 * x, 1) for x in cpu],
+        "errors": sum(s.errors for s in with_it.samples + without_it.samples),
+    }
+
+
+def target_row(t: Target) -> dict[str, Any]:
+    """A target's figures over the rounds (medians; the raw rounds kept)."""
+    rps = [s.rps for s in t.samples]
+    cpu = [s.cpu_us_per_request for s in t.samples if s.cpu_us_per_request is not None]
+    return {
+        "key": t.key,
+        "row": t.row,
+        "mode": t.mode,
+        "mode_label": t.mode_label or None,
+        "target": t.label,
+        "url": t.base + t.path + ("<id>" if t.rotate else ""),
+        "note": t.note,
+        "rps_median": round(statistics.median(rps), 1),
+        "rps_min": round(min(rps), 1),
+        "rps_max": round(max(rps), 1),
+        "cpu_us_per_request_median": _round(_median(cpu), 1),
+        "cpu_us_per_request_min": _round(min(cpu), 1) if cpu else None,
+        "cpu_us_per_request_max": _round(max(cpu), 1) if cpu else None,
+        "p50_ms_median": round(statistics.median(s.p50_ms for s in t.samples), 3),
+        "p99_ms_median": round(statistics.median(s.p99_ms for s in t.samples), 3),
+        "p99_over_p50": round(statistics.median(s.p99_ms / max(s.p50_ms, 1e-9) for s in t.samples), 2),
+        "product": t.product,
+        "baseline": t.baseline,
+        "ratio": None,
+        "cpu_ratio": None,
+        "ratio_goal": RATIO_GOALS.get(t.row) if t.baseline else None,
+        "errors": sum(s.errors for s in t.samples),
+        "rounds": [asdict(s) for s in t.samples],
+    }
 
 
 class Bench:
@@ -440,7 +693,8 @@ class Bench:
         self.cache_checks: dict[str, dict[str, float]] = {}
         self.token = ""
         self.secret_key = secrets.token_urlsafe(48)
-        self.memory: dict[str, Any] = {}
+        self.memory: dict[str, Any] = {}  # per mode
+        self.variants: dict[str, Any] = {}  # per variant: its environment and the pieces it runs
         self.started = datetime.now(UTC)
 
     # environment
@@ -493,6 +747,8 @@ class Bench:
             raise BenchError(f"PostgreSQL does not answer on {PG_HOST}:{PG_PORT} (try scripts/services)")
         if not port_open("127.0.0.1", 6379):
             raise BenchError("Redis does not answer on 127.0.0.1:6379 (try scripts/services)")
+        if tree_cpu_seconds(os.getpid()) is None:
+            say("warning: no /proc (and no psutil): the CPU µs/request column stays empty")
         return wrk
 
     def create_database(self) -> None:
@@ -508,19 +764,55 @@ class Bench:
                     [*atrium, "create-admin", "--email", ADMIN_EMAIL, "--password", password], env)
         return password
 
-    def serve_product(self, name: str, port: int, env: dict[str, str], workers: int = 1) -> Proc:
+    def check_variants(self, variants: Sequence[Variant], strict: bool) -> None:
+        """Ask the product which pieces each variant's servers run; a mismatch (a skip or a mode the
+        app would ignore) fails the run when ``strict`` (--pieces), else is a warning."""
+        problem = ""
+        try:
+            result = subprocess.run(
+                [str(self.python), "-c", PIECES_PROBE], cwd=ROOT, env=self.product_env(),
+                input=json.dumps({v.name: v.env() for v in variants}), capture_output=True, text=True,
+                timeout=120,
+            )
+            if result.returncode != 0:
+                problem = f"the probe failed:\n{(result.stderr or result.stdout).strip()[-1500:]}"
+            else:
+                found = json.loads(result.stdout.strip().splitlines()[-1])
+                if tuple(found["PIECES"]) != PIECES:
+                    problem = (f"the product's pieces are {', '.join(found['PIECES'])}; bench/run.py knows "
+                               f"{', '.join(PIECES)} (update PIECES in bench/run.py)")
+                for v in variants:
+                    self.variants[v.name] = {"label": v.label, "env": v.env(), "pieces": found[v.name]}
+                    expected = v.expected_pieces()
+                    if expected is not None and found[v.name] != expected:
+                        problem += (f"\n{v.label} ({' '.join(f'{k}={x}' for k, x in v.env().items())}) runs "
+                                    f"[{', '.join(found[v.name])}], expected [{', '.join(expected)}]")
+        except (OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
+            problem = f"the probe failed: {exc}"
+        if problem:
+            message = f"could not confirm which fast path pieces each server runs: {problem.strip()}"
+            if strict:
+                raise BenchError(message)
+            say(f"warning: {message}")
+            return
+        for v in variants:
+            say(f"{v.label}: pieces [{', '.join(self.variants[v.name]['pieces']) or 'none'}]")
+
+    def serve_product(self, name: str, env: dict[str, str], workers: int = 1) -> Server:
+        port = free_port()
         argv = [*atrium_command(self.python), "serve", "--host", "127.0.0.1", "--port", str(port),
                 "--workers", str(workers)]
-        return self.start(name, argv, env)
+        return Server(self.start(name, argv, env), f"http://127.0.0.1:{port}")
 
-    def serve_baseline(self, port: int) -> Proc:
+    def serve_baseline(self) -> Server:
         # The same uvicorn options as `atrium serve` (main._dispatch): one worker, loop and http
         # left at "auto" (uvloop + httptools from uvicorn[standard]), no access log, no Server
         # header, proxy headers on.
+        port = free_port()
         argv = [str(self.python), "-m", "uvicorn", "bench.baseline_app:app", "--host", "127.0.0.1",
                 "--port", str(port), "--workers", "1", "--log-level", "warning", "--no-access-log",
                 "--no-server-header", "--proxy-headers"]
-        return self.start("baseline", argv, self.baseline_env())
+        return Server(self.start("baseline", argv, self.baseline_env()), f"http://127.0.0.1:{port}")
 
     def seed(self, base: str, password: str) -> None:
         form = urllib.parse.urlencode({"username": ADMIN_EMAIL, "password": password}).encode()
@@ -553,12 +845,12 @@ class Bench:
                                        headers)
                 fields = json.loads(body) if status == 201 else {}
                 if status != 201 or any(fields.get(k) != v for k, v in POST_BODY.items()):
-                    raise BenchError(f"{target.label}: POST answered HTTP {status} {body[:300]!r}")
+                    raise BenchError(f"{target.name}: POST answered HTTP {status} {body[:300]!r}")
                 continue
             url = target.base + (target.path + self.item_ids[0] if target.rotate else target.path)
             status, _, body = http("GET", url)
             if status != 200 or body != self.item_json:
-                raise BenchError(f"{target.label} answers differently from the product:\n"
+                raise BenchError(f"{target.name} answers differently from the product:\n"
                                  f"  product: {self.item_json!r}\n  {target.key}: HTTP {status} {body!r}")
 
     def write_script(self) -> Path:
@@ -572,186 +864,327 @@ class Bench:
         script.write_text(POST_LUA % {"body": json.dumps(POST_BODY), "token": self.token})
         return script
 
-    def measure_memory(self, wrk: Wrk, target: Target, proc: Proc) -> None:
+    def measure_memory(self, wrk: Wrk, target: Target, server: Server) -> dict[str, Any]:
         """RSS of a fresh one-worker product after N and 2N warm GETs (wrk in chunks until each
         milestone is passed; the count is wrk's, so a milestone is overshot by under one chunk)."""
         c = self.config
         first = c.memory_requests
         chunk = 2.0 if c.quick else 5.0
-        pid = worker_pid(proc.popen.pid)
+        pid = worker_pid(server.pid)
         figures: dict[str, Any] = {"pid": pid, "start": rss_mb(pid), "milestones": []}
         done = 0
-        say(f"memory: {first:,} then {2 * first:,} warm GETs on a fresh server (pid {pid})")
+        say(f"memory [{target.mode_label}]: {first:,} then {2 * first:,} warm GETs on a fresh server "
+            f"(pid {pid})")
         for milestone in (first, 2 * first):
             while done < milestone:
                 sample = wrk.run(target, chunk)
                 if sample.errors:
-                    raise BenchError(f"memory run: {target.label} answered errors: {sample}")
+                    raise BenchError(f"memory run: {target.name} answered errors: {sample}")
                 done += sample.requests
             figures["milestones"].append({"requests": done, **rss_mb(pid)})
-            say(f"memory: after {done:,} requests VmRSS {figures['milestones'][-1]['rss_mb']:.1f} MB, "
+            say(f"memory [{target.mode_label}]: after {done:,} requests "
+                f"VmRSS {figures['milestones'][-1]['rss_mb']:.1f} MB, "
                 f"VmHWM {figures['milestones'][-1]['hwm_mb']:.1f} MB")
-        self.memory = figures
+        return figures
 
-    def measure(self, wrk: Wrk, targets: list[Target], products: dict[str, str]) -> None:
+    def measure(self, wrk: Wrk, groups: Sequence[Sequence[Target]], products: dict[str, str]) -> None:
+        """Warm every target, then ``rounds`` rounds. In a round the groups (a baseline and the
+        product rows compared with it, every variant of each) run one after the other, the targets
+        of a group back to back, so the variants of a row are measured within seconds of each other
+        and a slow minute hits them alike; the order of the groups, and within each group, is
+        rotated every round so no target always goes first."""
         c = self.config
-        for target in targets:
-            say(f"warming {target.label} ({c.warmup:g} s)")
+        for target in (t for group in groups for t in group):
+            say(f"warming {target.name} ({c.warmup:g} s)")
             if c.warmup > 0:
                 sample = wrk.run(target, c.warmup)
                 if sample.errors:
-                    raise BenchError(f"{target.label} failed during warm-up: {sample}")
+                    raise BenchError(f"{target.name} failed during warm-up: {sample}")
         before = {key: cache_counters(base) for key, base in products.items()}
+        width = max(len(t.name) for group in groups for t in group)
         for r in range(c.rounds):
-            order = targets[r % len(targets):] + targets[:r % len(targets)]
-            for target in order:
-                sample = wrk.run(target, c.duration)
-                target.samples.append(sample)
-                flag = f"  ERRORS: {sample.errors}" if sample.errors else ""
-                say(f"round {r + 1}/{c.rounds} {target.label:<44} {sample.rps:>9.0f} req/s  "
-                    f"p50 {sample.p50_ms:7.2f} ms  p99 {sample.p99_ms:7.2f} ms{flag}")
+            for group in _rotated(groups, r):
+                for target in _rotated(group, r):
+                    sample = wrk.run(target, c.duration, cpu=True)
+                    target.samples.append(sample)
+                    flag = f"  ERRORS: {sample.errors}" if sample.errors else ""
+                    cpu = ("     -" if sample.cpu_us_per_request is None
+                           else f"{sample.cpu_us_per_request:>6.0f}")
+                    say(f"round {r + 1}/{c.rounds} {target.name:<{width}} {sample.rps:>7.0f} req/s "
+                        f"{cpu} µs CPU/req  p50 {sample.p50_ms:7.2f} ms  p99 {sample.p99_ms:7.2f} ms{flag}")
         for key, base in products.items():
             after = cache_counters(base)
             self.cache_checks[key] = {k: after.get(k, 0.0) - before[key].get(k, 0.0) for k in after}
 
-    def run(self) -> dict[str, Any]:
-        c = self.config
+    def start_products(
+        self, variants: Sequence[Variant], kinds: Sequence[str]
+    ) -> dict[str, dict[str, Server]]:
+        """Per variant, the product servers of ``kinds`` (warm: cache on; cold: cache off; warm2: two
+        workers; mem: a fresh one-worker server for the memory run), all started at once."""
+        servers: dict[str, dict[str, Server]] = {}
+        for v in variants:
+            env = self.product_env(**v.env())
+            cold_env = self.product_env(ATRIUM_CACHE_BACKEND="none", **v.env())
+            servers[v.name] = {}
+            for kind in kinds:
+                servers[v.name][kind] = self.serve_product(
+                    f"product-{kind}-{v.name}", cold_env if kind == "cold" else env,
+                    workers=2 if kind == "warm2" else 1,
+                )
+        for v in variants:
+            for server in servers[v.name].values():
+                wait_ready(server.proc, server.base + "/health/ready")
+        say("product servers up: " + "; ".join(
+            f"{v.label}: " + ", ".join(f"{kind} :{s.base.rsplit(':', 1)[1]}"
+                                       for kind, s in servers[v.name].items())
+            for v in variants))
+        return servers
+
+    def setup(self) -> tuple[str, str]:
         wrk_binary = self.preflight()
         self.create_database()
-        warm_env = self.product_env()
-        password = self.prepare_schema(warm_env)
-        cold_env = self.product_env(ATRIUM_CACHE_BACKEND="none")
-        ports = {name: free_port() for name in ("warm", "cold", "warm2", "mem", "baseline")}
-        warm = self.serve_product("product-warm", ports["warm"], warm_env)
-        cold = self.serve_product("product-cold", ports["cold"], cold_env)
-        warm2 = self.serve_product("product-warm-2w", ports["warm2"], warm_env, workers=2)
-        mem = self.serve_product("product-mem", ports["mem"], warm_env) if c.memory_requests else None
-        base = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-        wait_ready(warm, base["warm"] + "/health/ready")
-        wait_ready(cold, base["cold"] + "/health/ready")
-        wait_ready(warm2, base["warm2"] + "/health/ready")
-        if mem is not None:
-            wait_ready(mem, base["mem"] + "/health/ready")
-        self.seed(base["warm"], password)
-        baseline = self.serve_baseline(ports["baseline"])
-        wait_ready(baseline, f"{base['baseline']}/items/{self.item_ids[0]}")
-        say("servers up: product (cache on) :{warm}, product (cache off) :{cold}, product 2 workers "
-            ":{warm2}, product for the memory run :{mem}, baselines :{baseline}".format(**ports))
-        post_script = self.write_post_script()
+        password = self.prepare_schema(self.product_env())
+        return wrk_binary, password
 
-        item0 = self.item_ids[0]
-        targets = [
-            Target("bare", "bare FastAPI (same payload)", base["baseline"], f"/items/{item0}",
-                   note="fixed pydantic model, no middleware, no DI, no I/O"),
-            Target("warm", "product, warm cache (Redis)", base["warm"], f"{API}/items/{item0}",
-                   baseline="bare", note="one item, served from Redis", product=True),
-            Target("warm-2w", "product, warm cache, 2 workers", base["warm2"], f"{API}/items/{item0}",
-                   baseline="warm", note="atrium serve --workers 2, vs the one-worker row", product=True),
-            Target("asyncpg", "raw asyncpg FastAPI", base["baseline"], "/db/items/", rotate=True,
-                   note=f"one SELECT by primary key per request, rotating over {c.items} items"),
-            Target("cold", "product, cold (cache off: PostgreSQL)", base["cold"], f"{API}/items/",
-                   rotate=True, baseline="asyncpg", product=True,
-                   note=f"ATRIUM_CACHE_BACKEND=none, rotating over {c.items} items"),
-            Target("cold-one-id", "product, cold, one id (single flight)", base["cold"],
-                   f"{API}/items/{item0}", baseline="asyncpg",
-                   note="informational: concurrent misses on one key share one database read"),
-            Target("asyncpg-post", "raw asyncpg FastAPI, POST", base["baseline"], "/db/items",
-                   script=post_script, note="validate, one INSERT in one transaction, commit, 201"),
-            Target("post", "product, POST /items", base["warm"], f"{API}/items", script=post_script,
-                   baseline="asyncpg-post", product=True,
-                   note="admin token, validate, insert, commit (ItemService.create writes no outbox row)"),
-        ]
-        self.check_same_bytes(targets)
-        wrk = Wrk(wrk_binary, c.threads, c.connections, self.write_script())
-        say(f"measuring: {c.rounds} round(s) x {c.duration:g} s per target, "
-            f"wrk -t{c.threads} -c{c.connections}, targets in alternation")
-        self.measure(wrk, targets, {"warm": base["warm"], "cold": base["cold"]})
-        if mem is not None:
-            self.measure_memory(wrk, Target("mem", "product, warm cache (memory run)", base["mem"],
-                                            f"{API}/items/{item0}"), mem)
+    def run(self) -> dict[str, Any]:
+        wrk_binary, password = self.setup()
+        if self.config.pieces:
+            return self.run_pieces(wrk_binary, password)
+        return self.run_modes(wrk_binary, password)
+
+    def check_alive(self) -> None:
         for proc in self.procs:
             if not proc.alive():
                 raise BenchError(f"{proc.name} died during the run:\n{proc.tail()}")
-        return self.report(targets, wrk)
 
-    # results
+    # the main benchmark: each mode side by side, against the same baselines
 
-    def report(self, targets: list[Target], wrk: Wrk) -> dict[str, Any]:
+    def run_modes(self, wrk_binary: str, password: str) -> dict[str, Any]:
         c = self.config
-        rows: list[dict[str, Any]] = []
-        medians: dict[str, float] = {}
-        for t in targets:
-            rps = [s.rps for s in t.samples]
-            medians[t.key] = statistics.median(rps)
-            rows.append({
-                "key": t.key,
-                "target": t.label,
-                "url": t.base + t.path + ("<id>" if t.rotate else ""),
-                "note": t.note,
-                "rps_median": round(medians[t.key], 1),
-                "rps_min": round(min(rps), 1),
-                "rps_max": round(max(rps), 1),
-                "p50_ms_median": round(statistics.median(s.p50_ms for s in t.samples), 3),
-                "p99_ms_median": round(statistics.median(s.p99_ms for s in t.samples), 3),
-                "p99_over_p50": round(statistics.median(s.p99_ms / max(s.p50_ms, 1e-9) for s in t.samples),
-                                      2),
-                "product": t.product,
-                "baseline": t.baseline,
-                "ratio": None,
-                "ratio_goal": RATIO_GOALS.get(t.key),
-                "errors": sum(s.errors for s in t.samples),
-                "rounds": [asdict(s) for s in t.samples],
-            })
+        variants = [Variant.mode(m) for m in c.modes]
+        self.check_variants(variants, strict=False)
+        kinds = ["warm", "cold", "warm2"] + (["mem"] if c.memory_requests else [])
+        servers = self.start_products(variants, kinds)
+        self.seed(servers[variants[0].name]["warm"].base, password)
+        baseline = self.serve_baseline()
+        wait_ready(baseline.proc, f"{baseline.base}/items/{self.item_ids[0]}")
+        say(f"baselines up: {baseline.base}")
+        post_script = self.write_post_script()
+
+        item0 = self.item_ids[0]
+        bare = Target("bare", "bare", "bare FastAPI (same payload)", baseline.base, f"/items/{item0}",
+                      pid=baseline.pid, note="fixed pydantic model, no middleware, no DI, no I/O")
+        asyncpg = Target("asyncpg", "asyncpg", "raw asyncpg FastAPI", baseline.base, "/db/items/",
+                         pid=baseline.pid, rotate=True,
+                         note=f"one SELECT by primary key per request, rotating over {c.items} items")
+        asyncpg_post = Target("asyncpg-post", "asyncpg-post", "raw asyncpg FastAPI, POST", baseline.base,
+                              "/db/items", pid=baseline.pid, script=post_script,
+                              note="validate, one INSERT in one transaction, commit, 201")
+        rows: dict[str, list[Target]] = {k: [] for k in ("warm", "warm-2w", "cold", "cold-one-id", "post")}
+        for v in variants:
+            s = servers[v.name]
+            common = {"mode": v.name, "mode_label": v.label}
+            rows["warm"].append(Target(
+                f"warm@{v.name}", "warm", "product, warm cache (Redis)", s["warm"].base,
+                f"{API}/items/{item0}", pid=s["warm"].pid, baseline="bare", product=True,
+                note="one item, served from Redis", **common))
+            rows["warm-2w"].append(Target(
+                f"warm-2w@{v.name}", "warm-2w", "product, warm cache, 2 workers", s["warm2"].base,
+                f"{API}/items/{item0}", pid=s["warm2"].pid, baseline=f"warm@{v.name}", product=True,
+                note="atrium serve --workers 2, vs the one-worker row of the same mode", **common))
+            rows["cold"].append(Target(
+                f"cold@{v.name}", "cold", "product, cold (cache off: PostgreSQL)", s["cold"].base,
+                f"{API}/items/", pid=s["cold"].pid, rotate=True, baseline="asyncpg", product=True,
+                note=f"ATRIUM_CACHE_BACKEND=none, rotating over {c.items} items", **common))
+            rows["cold-one-id"].append(Target(
+                f"cold-one-id@{v.name}", "cold-one-id", "product, cold, one id (single flight)",
+                s["cold"].base, f"{API}/items/{item0}", pid=s["cold"].pid, baseline="asyncpg",
+                note="informational: concurrent misses on one key share one database read", **common))
+            rows["post"].append(Target(
+                f"post@{v.name}", "post", "product, POST /items", s["warm"].base, f"{API}/items",
+                pid=s["warm"].pid, script=post_script, baseline="asyncpg-post", product=True,
+                note="admin token, validate, insert, commit (ItemService.create writes no outbox row)",
+                **common))
+        groups = [
+            [bare, *rows["warm"], *rows["warm-2w"]],
+            [asyncpg, *rows["cold"], *rows["cold-one-id"]],
+            [asyncpg_post, *rows["post"]],
+        ]
+        targets = [t for group in groups for t in group]
+        self.check_same_bytes(targets)
+        wrk = Wrk(wrk_binary, c.threads, c.connections, self.write_script())
+        say(f"measuring {', '.join(v.label for v in variants)}: {c.rounds} round(s) x {c.duration:g} s per "
+            f"target ({len(targets)} targets), wrk -t{c.threads} -c{c.connections}, interleaved")
+        products = {f"{kind}@{v.name}": servers[v.name][kind].base
+                    for v in variants for kind in ("warm", "cold")}
+        self.measure(wrk, groups, products)
+        if c.memory_requests:
+            for v in variants:
+                mem = servers[v.name]["mem"]
+                target = Target(f"mem@{v.name}", "mem", "product, warm cache (memory run)", mem.base,
+                                f"{API}/items/{item0}", pid=mem.pid, mode=v.name, mode_label=v.label)
+                self.memory[v.name] = self.measure_memory(wrk, target, mem)
+        self.check_alive()
+        return self.report(targets, wrk, variants)
+
+    def report(self, targets: list[Target], wrk: Wrk, variants: Sequence[Variant]) -> dict[str, Any]:
+        c = self.config
+        rows = [target_row(t) for t in targets]
+        by_key = {row["key"]: row for row in rows}
         for row in rows:
-            if row["baseline"]:
-                row["ratio"] = round(row["rps_median"] / medians[row["baseline"]], 3)
+            base = by_key.get(row["baseline"] or "")
+            if base is not None:
+                row["ratio"] = round(row["rps_median"] / base["rps_median"], 3)
+                if row["cpu_us_per_request_median"] and base["cpu_us_per_request_median"]:
+                    row["cpu_ratio"] = round(
+                        row["cpu_us_per_request_median"] / base["cpu_us_per_request_median"], 3)
+        side_by_side = []
+        by_target = {t.key: t for t in targets}
+        for kind in ("warm", "warm-2w", "cold", "cold-one-id", "post"):
+            entry: dict[str, Any] = {"row": kind, "modes": {}}
+            for v in variants:
+                row = by_key[f"{kind}@{v.name}"]
+                entry["target"], entry["baseline"] = row["target"], row["baseline"]
+                entry["ratio_goal"] = row["ratio_goal"]
+                entry["modes"][v.name] = {k: row[k] for k in ("ratio", "cpu_ratio", "rps_median",
+                                                               "cpu_us_per_request_median", "errors")}
+            if "on" in c.modes and "off" in c.modes:
+                entry["on_vs_off"] = paired_gain(by_target[f"{kind}@on"], by_target[f"{kind}@off"])
+            side_by_side.append(entry)
         return {
             "checks": self.checks(rows),
             "memory": self.memory,
             "benchmark": "GET and POST /api/v1/items",
+            "kind": "modes",
             "started": self.started.isoformat(timespec="seconds"),
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
             "mode": "quick" if c.quick else "full",
+            "modes": list(c.modes),
+            "variants": self.variants,
             "settings": {
                 "rounds": c.rounds, "duration_s": c.duration, "warmup_s": c.warmup,
                 "wrk_threads": c.threads, "wrk_connections": c.connections, "items": c.items,
                 "product_profile": "production (PostgreSQL, Redis cache, Redis broker, Redis rate limiter), "
-                                   "1 uvicorn worker (2 for the 2-worker row)",
+                                   "1 uvicorn worker (2 for the 2-worker row), per ATRIUM_FAST_PATH mode",
+                "cpu": "user + system CPU time of the server's process tree over each wrk run "
+                       "(/proc/<pid>/stat), divided by the requests wrk completed in it",
                 "wrk_command": " ".join(wrk.argv(targets[1], c.duration)),
             },
             "cache_lookups_during_rounds": self.cache_checks,
             "machine": machine_facts(self.python),
+            "side_by_side": side_by_side,
             "rows": rows,
         }
 
     def checks(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The issue's targets, each PASS or FAIL with the figure it was judged on."""
+        """The issue's targets for each mode, each PASS or FAIL with the figure it was judged on."""
         labels = {row["key"]: row["target"] for row in rows}
         checks: list[dict[str, Any]] = []
-        for row in rows:
-            goal = row["ratio_goal"]
-            if goal is not None:
-                checks.append({"check": f"{row['target']}: req/s vs {labels[row['baseline']]}",
-                               "goal": f">= {goal:.2f}x", "value": f"{row['ratio']:.2f}x",
-                               "pass": row["ratio"] >= goal and not row["errors"]})
-        for row in rows:
-            if row["product"]:
-                checks.append({"check": f"{row['target']}: p99 / p50", "goal": f"<= {P99_OVER_P50_MAX:g}",
-                               "value": f"{row['p99_over_p50']:.2f}",
-                               "pass": row["p99_over_p50"] <= P99_OVER_P50_MAX})
-        if self.memory:
-            first, second = self.memory["milestones"]
-            scaled = " (quick: scaled down)" if self.config.quick else ""
-            peak = max(first["hwm_mb"], second["hwm_mb"])
-            checks.append({"check": f"peak RSS of the API worker, {second['requests']:,} warm GETs{scaled}",
-                           "goal": f"<= {PEAK_RSS_MAX_MB:g} MB", "value": f"{peak:.1f} MB",
-                           "pass": peak <= PEAK_RSS_MAX_MB})
-            growth = second["rss_mb"] - first["rss_mb"]
-            checks.append({"check": f"RSS growth from {first['requests']:,} to {second['requests']:,} "
-                                    f"warm GETs{scaled}",
-                           "goal": f"<= {RSS_GROWTH_MAX_MB:g} MB", "value": f"{growth:+.1f} MB",
-                           "pass": growth <= RSS_GROWTH_MAX_MB})
+        for mode in self.config.modes:
+            tag = f" [fast path {mode}]"
+            for row in rows:
+                if row["mode"] == mode and row["ratio_goal"] is not None:
+                    checks.append({"check": f"{row['target']}{tag}: req/s vs {labels[row['baseline']]}",
+                                   "mode": mode, "goal": f">= {row['ratio_goal']:.2f}x",
+                                   "value": f"{row['ratio']:.2f}x",
+                                   "pass": row["ratio"] >= row["ratio_goal"] and not row["errors"]})
+            for row in rows:
+                if row["mode"] == mode and row["product"]:
+                    checks.append({"check": f"{row['target']}{tag}: p99 / p50", "mode": mode,
+                                   "goal": f"<= {P99_OVER_P50_MAX:g}", "value": f"{row['p99_over_p50']:.2f}",
+                                   "pass": row["p99_over_p50"] <= P99_OVER_P50_MAX})
+            memory = self.memory.get(mode)
+            if memory:
+                first, second = memory["milestones"]
+                scaled = " (quick: scaled down)" if self.config.quick else ""
+                peak = max(first["hwm_mb"], second["hwm_mb"])
+                checks.append({"check": f"peak RSS of the API worker, {second['requests']:,} warm GETs"
+                                        f"{scaled}{tag}", "mode": mode,
+                               "goal": f"<= {PEAK_RSS_MAX_MB:g} MB", "value": f"{peak:.1f} MB",
+                               "pass": peak <= PEAK_RSS_MAX_MB})
+                growth = second["rss_mb"] - first["rss_mb"]
+                checks.append({"check": f"RSS growth from {first['requests']:,} to {second['requests']:,} "
+                                        f"warm GETs{scaled}{tag}", "mode": mode,
+                               "goal": f"<= {RSS_GROWTH_MAX_MB:g} MB", "value": f"{growth:+.1f} MB",
+                               "pass": growth <= RSS_GROWTH_MAX_MB})
         return checks
+
+    # --pieces: what each piece buys, against all on, interleaved with all on and all off
+
+    def run_pieces(self, wrk_binary: str, password: str) -> dict[str, Any]:
+        c = self.config
+        on, off = Variant.mode("on"), Variant.mode("off")
+        variants = [on, off, *(Variant.without(p) for p in c.pieces)]
+        self.check_variants(variants, strict=True)
+        servers = self.start_products(variants, ["warm", "cold"])
+        self.seed(servers["on"]["warm"].base, password)
+        post_script = self.write_post_script()
+        item0 = self.item_ids[0]
+        groups: list[list[Target]] = [[], [], []]
+        for v in variants:
+            s = servers[v.name]
+            common = {"mode": v.name, "mode_label": v.label, "product": True}
+            groups[0].append(Target(f"warm@{v.name}", "warm", "product, warm cache (Redis)", s["warm"].base,
+                                    f"{API}/items/{item0}", pid=s["warm"].pid, **common))
+            groups[1].append(Target(f"cold@{v.name}", "cold", "product, cold (cache off: PostgreSQL)",
+                                    s["cold"].base, f"{API}/items/", pid=s["cold"].pid, rotate=True,
+                                    **common))
+            groups[2].append(Target(f"post@{v.name}", "post", "product, POST /items", s["warm"].base,
+                                    f"{API}/items", pid=s["warm"].pid, script=post_script, **common))
+        targets = [t for group in groups for t in group]
+        self.check_same_bytes(targets)
+        wrk = Wrk(wrk_binary, c.threads, c.connections, self.write_script())
+        say(f"measuring pieces {', '.join(c.pieces)}: {len(variants)} server variants x 3 rows, "
+            f"{c.rounds} round(s) x {c.duration:g} s per target, wrk -t{c.threads} -c{c.connections}, "
+            "interleaved")
+        products = {f"{kind}@{v.name}": servers[v.name][kind].base
+                    for v in variants for kind in ("warm", "cold")}
+        self.measure(wrk, groups, products)
+        self.check_alive()
+
+        by_key = {t.key: t for t in targets}
+        row_kinds = [g[0].row for g in groups]
+
+        def gains(with_it: str, without_it: str) -> dict[str, Any]:
+            return {kind: paired_gain(by_key[f"{kind}@{with_it}"], by_key[f"{kind}@{without_it}"])
+                    for kind in row_kinds}
+
+        pieces = []
+        for piece in c.pieces:
+            per_row = gains("on", f"skip-{piece}")
+            best = [(kind, what, g[f"{what}_gain_pct" if what == "rps" else "cpu_saved_pct"])
+                    for kind, g in per_row.items() for what in ("rps", "cpu")]
+            over = [(kind, what, value) for kind, what, value in best
+                    if value is not None and value >= PIECE_BAR_PCT]
+            pieces.append({"piece": piece, "rows": per_row, "keeps": bool(over),
+                           "verdict": (f"buys >= {PIECE_BAR_PCT:g} % on " + ", ".join(
+                               f"{kind} ({'req/s' if what == 'rps' else 'CPU/req'} {value:+.1f} %)"
+                               for kind, what, value in over)) if over
+                           else f"< {PIECE_BAR_PCT:g} % on every row"})
+        return {
+            "benchmark": "fast path pieces: GET and POST /api/v1/items",
+            "kind": "pieces",
+            "started": self.started.isoformat(timespec="seconds"),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "mode": "quick" if c.quick else "full",
+            "variants": self.variants,
+            "settings": {
+                "rounds": c.rounds, "duration_s": c.duration, "warmup_s": c.warmup,
+                "wrk_threads": c.threads, "wrk_connections": c.connections, "items": c.items,
+                "product_profile": "production (PostgreSQL, Redis cache, Redis broker, Redis rate limiter), "
+                                   "1 uvicorn worker, per variant: ATRIUM_FAST_PATH=on, off, and on with "
+                                   "ATRIUM_FAST_PATH_SKIP=<piece>",
+                "bar_pct": PIECE_BAR_PCT,
+                "cpu": "user + system CPU time of the server's process tree over each wrk run "
+                       "(/proc/<pid>/stat), divided by the requests wrk completed in it",
+                "wrk_command": " ".join(wrk.argv(targets[0], c.duration)),
+            },
+            "whole_fast_path": gains("on", "off"),
+            "pieces": pieces,
+            "cache_lookups_during_rounds": self.cache_checks,
+            "machine": machine_facts(self.python),
+            "rows": [target_row(t) for t in targets],
+        }
 
     def cleanup(self) -> None:
         for proc in reversed(self.procs):
@@ -803,11 +1236,19 @@ def _version(argv: Sequence[str]) -> str:
     return "unknown"
 
 
+_PACKAGES = ("fastapi", "starlette", "uvicorn", "uvloop", "httptools", "pydantic", "sqlalchemy", "asyncpg",
+             "redis", "hiredis")
+
+
 def machine_facts(python: Path) -> dict[str, Any]:
     packages = _version([str(python), "-c", (
-        "import importlib.metadata as m, json; print(json.dumps({p: m.version(p) for p in "
-        "('fastapi', 'starlette', 'uvicorn', 'uvloop', 'httptools', 'pydantic', 'sqlalchemy', "
-        "'asyncpg', 'redis')}))")])
+        "import importlib.metadata as m, json\n"
+        "def v(p):\n"
+        "    try:\n"
+        "        return m.version(p)\n"
+        "    except m.PackageNotFoundError:\n"
+        "        return 'missing'\n"
+        f"print(json.dumps({{p: v(p) for p in {_PACKAGES!r}}}))")])
     try:
         versions = json.loads(packages)
     except ValueError:
@@ -843,49 +1284,38 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def markdown(result: dict[str, Any]) -> str:
-    s, m = result["settings"], result["machine"]
-    labels = {row["key"]: row["target"] for row in result["rows"]}
-    lines = [
-        f"## {result['benchmark']}: product vs bare FastAPI ({result['mode']} run)",
-        "",
-        "Production profile, one uvicorn worker per server (two for the 2-worker row); "
-        f"`wrk -t{s['wrk_threads']} "
-        f"-c{s['wrk_connections']} -d{s['duration_s']:g}s --latency`, {s['rounds']} round(s) per target "
-        f"in alternation after a {s['warmup_s']:g} s warm-up; medians over rounds.",
-        "",
-        "| target | req/s (median) | req/s min-max | p50 | p99 | p99/p50 | ratio vs baseline | goal |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
-    ]
-    for row in result["rows"]:
-        ratio = "baseline" if row["ratio"] is None else f"{row['ratio']:.2f}x {labels[row['baseline']]}"
-        errors = f" ⚠ {row['errors']} errors" if row["errors"] else ""
-        goal = ""
-        if row.get("ratio_goal") is not None:
-            verdict = "PASS" if row["ratio"] >= row["ratio_goal"] else "FAIL"
-            goal = f">= {row['ratio_goal']:.2f}x: {verdict}"
-        lines.append(
-            f"| {row['target']}{errors} | {row['rps_median']:,.0f} "
-            f"| {row['rps_min']:,.0f}-{row['rps_max']:,.0f} "
-            f"| {row['p50_ms_median']:.2f} ms | {row['p99_ms_median']:.2f} ms | {row['p99_over_p50']:.2f} "
-            f"| {ratio} | {goal} |"
-        )
-    memory = result.get("memory") or {}
-    if memory:
-        lines += ["", f"Memory run (a fresh one-worker product, warm GETs; pid {memory['pid']}): at start "
-                  f"VmRSS {memory['start']['rss_mb']:.1f} MB; " + "; ".join(
-                      f"after {m['requests']:,} requests VmRSS {m['rss_mb']:.1f} MB, "
-                      f"VmHWM {m['hwm_mb']:.1f} MB"
-                      for m in memory["milestones"]) + "."]
-    lines += ["", "| target (issue \"Performance\") | goal | measured | result |", "|---|---|---|---|"]
-    for check in result.get("checks", []):
-        lines.append(f"| {check['check']} | {check['goal']} | {check['value']} | "
-                     f"{'PASS' if check['pass'] else 'FAIL'} |")
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f} µs"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f} %"
+
+
+def _cpu_range(row: dict[str, Any]) -> str:
+    if row["cpu_us_per_request_median"] is None:
+        return "-"
+    return (f"{row['cpu_us_per_request_median']:,.0f} µs "
+            f"({row['cpu_us_per_request_min']:,.0f}-{row['cpu_us_per_request_max']:,.0f})")
+
+
+def _footer(result: dict[str, Any]) -> list[str]:
+    m = result["machine"]
+    lines: list[str] = []
     checks = result.get("cache_lookups_during_rounds") or {}
     if checks:
         lines += ["", "Cache lookups during the measured rounds (product `/metrics`): " + "; ".join(
-            f"{key}: " + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(vals.items()) if v) for key, vals in
-            checks.items())]
+            f"{key}: " + (", ".join(f"{k} {v:,.0f}" for k, v in sorted(vals.items()) if v) or "none")
+            for key, vals in checks.items())]
+    variants = result.get("variants") or {}
+    if variants:
+        lines += ["", "Fast path pieces per server variant (asked of the product's settings): " + "; ".join(
+            f"{v['label']} ({' '.join(f'{k}={x}' for k, x in v['env'].items())}): "
+            f"{', '.join(v['pieces']) or 'none'}" for v in variants.values()) + "."]
     lines += [
         "",
         f"Machine: {m['nproc']} CPU(s), {m['cpu']}; {m['python']}; {m['os']}; load average at end "
@@ -895,7 +1325,128 @@ def markdown(result: dict[str, Any]) -> str:
         f"Commit {m['git']}, {m['date']}. wrk, the servers, PostgreSQL and Redis share the machine.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    return markdown_pieces(result) if result.get("kind") == "pieces" else markdown_modes(result)
+
+
+def markdown_modes(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    modes = result.get("modes") or ["on"]
+    labels = {row["key"]: row["target"] + (f" [{row['mode']}]" if row.get("mode") else "")
+              for row in result["rows"]}
+    lines = [
+        f"## {result['benchmark']}: product (fast path {' and '.join(modes)}) vs bare FastAPI "
+        f"({result['mode']} run)",
+        "",
+        "Production profile, one uvicorn worker per server (two for the 2-worker row), the product's "
+        f"servers once per `ATRIUM_FAST_PATH` mode; `wrk -t{s['wrk_threads']} -c{s['wrk_connections']} "
+        f"-d{s['duration_s']:g}s --latency`, {s['rounds']} round(s) per target, interleaved (a baseline "
+        f"and its product rows in every mode back to back) after a {s['warmup_s']:g} s warm-up; medians "
+        "over rounds. CPU/req: user + system CPU time of the server's process tree (uvicorn's master "
+        "and workers) over each run, divided by the requests completed in it.",
+        "",
+        "| target | fast path | req/s (median) | req/s min-max | CPU/req (min-max) | p50 | p99 | p99/p50 "
+        "| ratio vs baseline | CPU/req vs baseline | goal |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for row in result["rows"]:
+        ratio = "baseline" if row["ratio"] is None else f"{row['ratio']:.2f}x {labels[row['baseline']]}"
+        cpu_ratio = "" if row["baseline"] is None else _x(row.get("cpu_ratio"))
+        errors = f" ⚠ {row['errors']} errors" if row["errors"] else ""
+        goal = ""
+        if row.get("ratio_goal") is not None:
+            verdict = "PASS" if row["ratio"] >= row["ratio_goal"] else "FAIL"
+            goal = f">= {row['ratio_goal']:.2f}x: {verdict}"
+        lines.append(
+            f"| {row['target']}{errors} | {row.get('mode') or '-'} | {row['rps_median']:,.0f} "
+            f"| {row['rps_min']:,.0f}-{row['rps_max']:,.0f} | {_cpu_range(row)} "
+            f"| {row['p50_ms_median']:.2f} ms | {row['p99_ms_median']:.2f} ms | {row['p99_over_p50']:.2f} "
+            f"| {ratio} | {cpu_ratio} | {goal} |"
+        )
+    side = result.get("side_by_side") or []
+    if side:
+        both = "on" in modes and "off" in modes
+        head = ["row", "vs"]
+        head += [f"req/s ratio, {m}" for m in modes] + [f"CPU/req ratio, {m}" for m in modes]
+        head += [f"CPU/req, {m}" for m in modes]
+        if both:
+            head += ["on vs off: req/s", "on vs off: CPU/req saved"]
+        head.append("goal (req/s ratio)")
+        lines += ["", "Side by side: each mode against the same-run baseline (req/s ratio: higher is better; "
+                  "CPU/req ratio: the product's CPU per request over the baseline's, lower is better)"
+                  + ("; on vs off: medians over rounds of each round's on/off pair." if both else "."),
+                  "", "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 3) + "---|"]
+        for entry in side:
+            per = entry["modes"]
+            vs = (f"{labels[entry['baseline']].rsplit(' [', 1)[0]}, same mode" if entry["row"] == "warm-2w"
+                  else labels[entry["baseline"]])
+            cells = [entry["target"], vs]
+            cells += [_x(per[m]["ratio"]) + (" ⚠" if per[m]["errors"] else "") for m in modes]
+            cells += [_x(per[m]["cpu_ratio"]) for m in modes]
+            cells += [_us(per[m]["cpu_us_per_request_median"]) for m in modes]
+            if both:
+                cells += [_pct(entry["on_vs_off"]["rps_gain_pct"]), _pct(entry["on_vs_off"]["cpu_saved_pct"])]
+            cells.append(f">= {entry['ratio_goal']:.2f}x" if entry.get("ratio_goal") is not None else "")
+            lines.append("| " + " | ".join(cells) + " |")
+    for mode, memory in (result.get("memory") or {}).items():
+        lines += ["", f"Memory run, fast path {mode} (a fresh one-worker product, warm GETs; "
+                  f"pid {memory['pid']}): at start VmRSS {memory['start']['rss_mb']:.1f} MB; " + "; ".join(
+                      f"after {m['requests']:,} requests VmRSS {m['rss_mb']:.1f} MB, "
+                      f"VmHWM {m['hwm_mb']:.1f} MB"
+                      for m in memory["milestones"]) + "."]
+    lines += ["", "| target (issue \"Performance\") | goal | measured | result |", "|---|---|---|---|"]
+    for check in result.get("checks", []):
+        lines.append(f"| {check['check']} | {check['goal']} | {check['value']} | "
+                     f"{'PASS' if check['pass'] else 'FAIL'} |")
+    return "\n".join(lines + _footer(result))
+
+
+def markdown_pieces(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    kinds = list(result["whole_fast_path"])
+    names = {"warm": "warm GET", "cold": "cold GET", "post": "POST"}
+    lines = [
+        f"## Fast path pieces: what each buys on GET and POST /api/v1/items ({result['mode']} run)",
+        "",
+        "Production profile, one uvicorn worker per server; per row, servers with `ATRIUM_FAST_PATH=on`, "
+        "`=off`, and `=on` with `ATRIUM_FAST_PATH_SKIP=<piece>` for each piece, measured back to back "
+        f"in every round; `wrk -t{s['wrk_threads']} -c{s['wrk_connections']} -d{s['duration_s']:g}s`, "
+        f"{s['rounds']} round(s) after a {s['warmup_s']:g} s warm-up. A piece's gain on a row is the "
+        "median over rounds of that round's all-on vs on-without-the-piece pair: req/s = "
+        "req/s(all on) / req/s(without) - 1; CPU/req = 1 - CPU µs/req(all on) / CPU µs/req(without); "
+        f"positive = the piece pays. Bar: a piece that buys < {s['bar_pct']:g} % on every row (req/s "
+        "and CPU/req) goes.",
+    ]
+    if s["rounds"] < 3:
+        lines += ["", f"**{s['rounds']} round(s) only: single runs on this machine move by 20-50 %, so these "
+                  "verdicts are noise, not decisions.**"]
+    head = ["piece", *(f"{names.get(k, k)}: {what}" for k in kinds for what in ("req/s", "CPU/req")),
+            "verdict"]
+    lines += ["", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
+
+    def cells(rows: dict[str, Any]) -> list[str]:
+        out = []
+        for k in kinds:
+            warn = " ⚠" if rows[k]["errors"] else ""
+            out += [_pct(rows[k]["rps_gain_pct"]) + warn, _pct(rows[k]["cpu_saved_pct"]) + warn]
+        return out
+
+    for piece in result["pieces"]:
+        verdict = ("keep: " if piece["keeps"] else "goes: ") + piece["verdict"]
+        lines.append("| " + " | ".join([f"`{piece['piece']}`", *cells(piece["rows"]), verdict]) + " |")
+    whole = ["whole fast path (on vs off)", *cells(result["whole_fast_path"]), ""]
+    lines.append("| " + " | ".join(whole) + " |")
+    lines += ["", "| target | server | req/s (median) | req/s min-max | CPU/req (min-max) | p50 | p99 |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        errors = f" ⚠ {row['errors']} errors" if row["errors"] else ""
+        lines.append(f"| {row['target']}{errors} | {row['mode_label']} | {row['rps_median']:,.0f} "
+                     f"| {row['rps_min']:,.0f}-{row['rps_max']:,.0f} | {_cpu_range(row)} "
+                     f"| {row['p50_ms_median']:.2f} ms | {row['p99_ms_median']:.2f} ms |")
+    return "\n".join(lines + _footer(result))
 
 
 @contextmanager

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # The fast path (core/fastpath/README.md): auto = on where the installed library versions are the
     # verified ones, on = always (trying a new release), off = stock FastAPI, SQLAlchemy and redis-py.
     fast_path: Literal["auto", "on", "off"] = "auto"
+    # Pieces of the fast path left off while it is on (handler, route_index, transactions, pool,
+    # redis): for measuring each piece alone (bench/run.py --pieces).
+    fast_path_skip: Annotated[tuple[str, ...], NoDecode] = ()
 
     # HTTP
     host: str = "127.0.0.1"
@@ -218,7 +221,7 @@ class Settings(BaseSettings):
             ) from None
         return {**PROFILES[env], **{k: v for k, v in data.items() if v is not None}}
 
-    @field_validator("modules", "api_modules", "worker_modules", mode="before")
+    @field_validator("modules", "api_modules", "worker_modules", "fast_path_skip", mode="before")
     @classmethod
     def _split_modules(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -233,6 +236,16 @@ class Settings(BaseSettings):
                     raise ConfigError(f"ATRIUM_{setting}: module {name!r} is not enabled "
                                       f"(ATRIUM_MODULES={','.join(self.modules)})")
         return self
+
+    @field_validator("fast_path_skip", mode="after")
+    @classmethod
+    def _check_fast_path_skip(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        known = ("handler", "route_index", "transactions", "pool", "redis")  # core.fastpath.PIECES
+        unknown = [name for name in value if name not in known]
+        if unknown:
+            raise ConfigError(f"ATRIUM_FAST_PATH_SKIP: unknown piece(s) {', '.join(unknown)}; "
+                              f"the pieces are {', '.join(known)}")
+        return value
 
     @field_validator("database_replica_urls", mode="before")
     @classmethod

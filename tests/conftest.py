@@ -1,31 +1,30 @@
-"""Shared fixtures: settings, databases (SQLite file and a private PostgreSQL database)."""
+"""Shared fixtures: settings, databases (SQLite file and a private PostgreSQL database).
+
+The helpers behind them live in ``tests/support`` (settings, db); test modules import those from
+there, never from a conftest.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from config import Settings
 from core.db.engine import create_engine
-from migrations import upgrade
-from tests.support.services import POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, postgres_dsn, require
-
-TEST_SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
-
-
-def make_settings(**overrides: Any) -> Settings:
-    """Test-profile settings with cheap password hashing; ``overrides`` win."""
-    values: dict[str, Any] = {"env": "test", "log_level": "WARNING", "secret_key": TEST_SECRET}
-    values.update(overrides)
-    return Settings(**values)
+from tests.support.db import (
+    copy_sqlite_database,
+    create_pg_database,
+    drop_pg_database,
+    migrated,
+    remove_sqlite_database,
+    sqlite_dsn,
+)
+from tests.support.services import postgres_dsn, require
+from tests.support.settings import make_settings
 
 
 @pytest.fixture(scope="session")
@@ -34,30 +33,6 @@ def settings_factory() -> Callable[..., Settings]:
 
 
 # --- databases ----------------------------------------------------------------------------------
-
-
-async def _admin_connection() -> asyncpg.Connection:
-    return await asyncpg.connect(host=POSTGRES_HOST, port=POSTGRES_PORT, user=POSTGRES_USER,
-                                 database="postgres")
-
-
-async def create_pg_database(prefix: str = "atrium_test") -> str:
-    """Create a private database (never share ``test``); returns its name."""
-    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    conn = await _admin_connection()
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return name
-
-
-async def drop_pg_database(name: str) -> None:
-    conn = await _admin_connection()
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 @pytest.fixture(scope="session")
@@ -76,15 +51,10 @@ async def pg_database_factory() -> AsyncIterator[Callable[[], Any]]:
         await drop_pg_database(name)
 
 
-async def migrated(url: str) -> str:
-    await asyncio.to_thread(upgrade, make_settings(database_url=url))
-    return url
-
-
 @pytest.fixture(scope="session")
 async def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     path: Path = tmp_path_factory.mktemp("sqlite") / "atrium.db"
-    return await migrated(f"sqlite+aiosqlite:///{path}")
+    return await migrated(sqlite_dsn(path))
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +85,48 @@ async def session(database_url: str) -> AsyncIterator[AsyncSession]:
             await session.close()
             await transaction.rollback()
     await engine.dispose()
+
+
+# --- a database of the test's own: isolation by database ----------------------------------------
+# For tests whose data must really be committed (seen from other sessions or connections). Each
+# gets a copy of a database migrated once per session, and it is dropped (deleted) afterwards.
+
+
+@pytest.fixture(scope="session")
+async def migrated_pg_template() -> AsyncIterator[str]:
+    """The name of a migrated PostgreSQL database that private databases are copied from."""
+    require("postgres")
+    name = await create_pg_database("atrium_template")
+    try:
+        await migrated(postgres_dsn(name))
+        yield name
+    finally:
+        await drop_pg_database(name)
+
+
+@pytest.fixture
+async def private_postgres_url(migrated_pg_template: str) -> AsyncIterator[str]:
+    """A migrated PostgreSQL database of this test's own, dropped after it."""
+    name = await create_pg_database(template=migrated_pg_template)
+    try:
+        yield postgres_dsn(name)
+    finally:
+        await drop_pg_database(name)
+
+
+@pytest.fixture(scope="session")
+async def migrated_sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file that private databases are copied from."""
+    path: Path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+    await migrated(sqlite_dsn(path))
+    return path
+
+
+@pytest.fixture
+def private_sqlite_url(migrated_sqlite_template: Path, tmp_path: Path) -> Iterator[str]:
+    """A migrated SQLite file of this test's own, deleted after it."""
+    path = copy_sqlite_database(migrated_sqlite_template, tmp_path / "private.db")
+    try:
+        yield sqlite_dsn(path)
+    finally:
+        remove_sqlite_database(path)

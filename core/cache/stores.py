@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 import redis.asyncio as aioredis
 from pydantic import TypeAdapter, ValidationError
@@ -319,14 +319,14 @@ class RedisCache:
         return f"{self._namespace}:{key}"
 
     async def get(self, key: str) -> bytes | None:
-        with _unavailable_on_error():
-            return await self._client.get(self._key(key))
+        with _unavailable_on_error():  # the client does not decode responses: bytes, not str
+            return cast("bytes | None", await self._client.get(self._key(key)))
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
         with _unavailable_on_error():
-            return list(await self._client.mget([self._key(key) for key in keys]))
+            return list(cast("list[bytes | None]", await self._client.mget([self._key(k) for k in keys])))
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         _check_ttl(ttl)
@@ -348,7 +348,8 @@ class RedisCache:
         full = self._key(key)
         with _unavailable_on_error():
             if self._fast is None:
-                reply = await self._client.mget([_gen_key(full), _value_prefix(full)])
+                keys = [_gen_key(full), _value_prefix(full)]
+                reply = cast("list[bytes | None]", await self._client.mget(keys))
             else:
                 reply = await self._fast.execute("MGET", _gen_key(full), _value_prefix(full))
                 if isinstance(reply, ResponseError):
@@ -388,6 +389,10 @@ class RedisCache:
         await self._client.aclose()
 
 
+@overload
+def _millis(ttl: float) -> int: ...
+@overload
+def _millis(ttl: None) -> None: ...
 def _millis(ttl: float | None) -> int | None:
     # Floor at 1 ms so a sub-millisecond TTL still yields an expiry Redis accepts.
     return None if ttl is None else max(1, int(ttl * 1000))

@@ -8,7 +8,7 @@ from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 
 from core.edge.errors import Forbidden, Unauthorized
-from core.security import InvalidToken, Principal
+from core.security import InvalidToken, Principal, TokenService
 
 _bearer = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)
 
@@ -16,8 +16,9 @@ _bearer = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)
 async def _principal(request: Request, token: Annotated[str | None, Depends(_bearer)]) -> Principal:
     if not token:
         raise Unauthorized("Authentication required.", code="not_authenticated")
+    tokens: TokenService = request.app.state.tokens
     try:
-        return request.app.state.tokens.verify(token)
+        return tokens.verify(token)
     except InvalidToken:
         raise Unauthorized("The access token is invalid or expired.", code="invalid_token") from None
 

@@ -23,10 +23,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from loguru import logger
-from sqlalchemy import JSON, String, delete, select, update
+from sqlalchemy import JSON, CursorResult, String, delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -156,19 +156,19 @@ class IdempotencyStore:
         now = self._clock()
         values = {"fingerprint": fingerprint, "state": IN_FLIGHT, "owner": owner, "response_status": None,
                   "response_body": None, "created_at": now, "expires_at": now + self._lease}
-        inserted = await session.execute(
+        inserted = cast("CursorResult[Any]", await session.execute(
             insert_or_ignore(session, IdempotencyKey).values(scope=scope, key=key, **values)
-        )
+        ))
         if inserted.rowcount:
             return True
         # An expired row (a completed key past its TTL, or an in-flight claim past its lease) counts
         # as absent. The condition is re-checked under the row lock, so of two callers taking over
         # the same expired row only one succeeds.
-        taken = await session.execute(
+        taken = cast("CursorResult[Any]", await session.execute(
             update(IdempotencyKey)
             .where(IdempotencyKey.scope == scope, IdempotencyKey.key == key, IdempotencyKey.expires_at < now)
             .values(**values)
-        )
+        ))
         return bool(taken.rowcount)
 
     async def complete(self, session: AsyncSession, claim: Claim, response: StoredResponse) -> None:
@@ -177,13 +177,13 @@ class IdempotencyStore:
         Raises ``IdempotencyClaimLost`` when the claim is no longer this caller's (its lease ran out
         and another request took the key): the caller must roll back its effect.
         """
-        result = await session.execute(
+        result = cast("CursorResult[Any]", await session.execute(
             update(IdempotencyKey)
             .where(IdempotencyKey.scope == claim.scope, IdempotencyKey.key == claim.key,
                    IdempotencyKey.state == IN_FLIGHT, IdempotencyKey.owner == claim.owner)
             .values(state=COMPLETED, response_status=response.status, response_body=response.body,
                     expires_at=self._clock() + self._ttl)
-        )
+        ))
         if not result.rowcount:
             raise IdempotencyClaimLost("The Idempotency-Key is no longer held by this request; retry it.")
 
@@ -210,9 +210,9 @@ class IdempotencyStore:
 
     async def purge_expired(self) -> int:
         async with UnitOfWork(self._sessions) as session:
-            result = await session.execute(
+            result = cast("CursorResult[Any]", await session.execute(
                 delete(IdempotencyKey).where(IdempotencyKey.expires_at < self._clock())
-            )
+            ))
             return int(result.rowcount or 0)
 
 

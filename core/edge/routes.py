@@ -15,7 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.db.engine import database_unavailable
 from core.db.session import commit, rollback
-from core.edge.provided import provide, provided_path
+from core.edge.provided import lookup, provide, provided_path
+from core.module import ModuleError
 
 _DEFAULT_LIFESPAN = type(APIRouter().lifespan_context)  # what a router without a lifespan has
 # Every option of a route that ``add_api_route`` takes back (path and endpoint are passed apart).
@@ -36,7 +37,7 @@ def add_routes(target: APIRouter, source: APIRouter, prefix: str = "") -> None:
     A router holding anything but plain API routes (a websocket, a mount) or with a lifespan or
     startup/shutdown handlers of its own is included as before.
     """
-    plain = all(type(route) is not APIRouter and isinstance(route, APIRoute) for route in source.routes)
+    plain = all(isinstance(route, APIRoute) for route in source.routes)  # a nested router is no APIRoute
     # A router's own lifespan or startup/shutdown handlers are only merged by include_router.
     lifecycle = (source.on_startup or source.on_shutdown
                  or type(source.lifespan_context) is not _DEFAULT_LIFESPAN)
@@ -54,7 +55,7 @@ _READ_SESSION = "atrium.db_read_session"
 
 
 async def _session(request: Request) -> AsyncSession:
-    session = request.scope.get(_SESSION)
+    session: AsyncSession | None = request.scope.get(_SESSION)
     if session is None:
         session = request.scope[_SESSION] = request.app.state.sessions()
     return session
@@ -67,7 +68,7 @@ async def _read_session(request: Request) -> AsyncSession:
     read_sessions = request.app.state.read_sessions
     if not read_sessions.replicated:
         return await _session(request)  # no replicas: the request's one session, one connection
-    session = request.scope.get(_READ_SESSION)
+    session: AsyncSession | None = request.scope.get(_READ_SESSION)
     if session is None:
         session = request.scope[_READ_SESSION] = await read_sessions.open()
     return session
@@ -118,7 +119,33 @@ def _resolve_provided(endpoint: Callable[..., Any]) -> Callable[..., Any]:
 
     with_provided.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=kept, return_annotation=hints.get("return", signature.return_annotation))
+    with_provided.provided_paths = tuple(provided.values())  # type: ignore[attr-defined]  # check_provided
     return with_provided
+
+
+def check_provided(router: APIRouter, container: Any) -> None:
+    """Fail now, naming the route, if a ``Provided("...")`` id of any route (its endpoint's or a
+    dependency's) names no provider of ``container``: a typo fails start-up, not the first request."""
+    for route in router.routes:
+        if not isinstance(route, APIRoute):
+            continue
+        paths = list(getattr(route.endpoint, "provided_paths", ()))
+        pending = [route.dependant]
+        while pending:
+            dependant = pending.pop()
+            for sub in dependant.dependencies:
+                path = getattr(sub.call, "provided_path", None)
+                if isinstance(path, str):
+                    paths.append(path)
+                pending.append(sub)
+        for path in paths:
+            try:
+                lookup(container, path)
+            except (AttributeError, LookupError):
+                methods = ",".join(sorted(route.methods or ()))
+                raise ModuleError(
+                    f"{methods} {route.path}: Provided({path!r}) names no provider of the container"
+                ) from None
 
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]

@@ -52,6 +52,9 @@ def unverified() -> dict[str, str]:
     return found
 
 
+# The pieces, each measured alone on the benchmark (README.md beside this file).
+PIECES = ("handler", "route_index", "transactions", "pool", "redis")
+
 _warned: set[tuple[tuple[str, str], ...]] = set()
 
 
@@ -73,11 +76,23 @@ def resolve(mode: Mode) -> bool:
     return False
 
 
-def install(router: APIRouter) -> None:
+def pieces(mode: Mode, skip: tuple[str, ...] = ()) -> frozenset[str]:
+    """The pieces that serve this process: all of them when the fast path is on, less ``skip``
+    (``ATRIUM_FAST_PATH_SKIP``, for measuring a piece alone); none when it is off."""
+    unknown = set(skip) - set(PIECES)
+    if unknown:
+        raise ValueError(f"unknown fast path pieces {sorted(unknown)}; the pieces are {', '.join(PIECES)}")
+    return frozenset(PIECES) - set(skip) if resolve(mode) else frozenset()
+
+
+def install(router: APIRouter, enabled: frozenset[str]) -> None:
     """The fast path's edge on an app's router: the lean handler on every route that offers an
     ``around`` wrapper (``core.edge.routes.TransactionalRoute``), then the route index."""
-    from core.fastpath.handler import install_lean_handlers
-    from core.fastpath.route_index import install_route_index
+    if "handler" in enabled:
+        from core.fastpath.handler import install_lean_handlers
 
-    install_lean_handlers(router)
-    install_route_index(router)
+        install_lean_handlers(router)
+    if "route_index" in enabled:
+        from core.fastpath.route_index import install_route_index
+
+        install_route_index(router)

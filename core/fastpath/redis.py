@@ -200,7 +200,7 @@ class PipelinedConnection:
         try:
             protocol = await asyncio.wait_for(self._create(loop), self._connect_timeout)
             self._protocol = protocol
-            handshake = []
+            handshake: list[tuple[str | int, ...]] = []
             if self._password:
                 handshake.append(("AUTH", self._username, self._password) if self._username
                                  else ("AUTH", self._password))

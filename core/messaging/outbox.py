@@ -14,11 +14,11 @@ import contextlib
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from dramatiq import Message
 from loguru import logger
-from sqlalchemy import JSON, Index, String, Text, func, select
+from sqlalchemy import JSON, CursorResult, Index, String, Text, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -86,7 +86,7 @@ class Inbox:
         stmt = insert_or_ignore(session, InboxMessage).values(
             message_id=message_id, consumer=consumer, processed_at=utcnow()
         )
-        result = await session.execute(stmt)
+        result = cast("CursorResult[Any]", await session.execute(stmt))  # a DML result has rowcount
         return bool(result.rowcount)
 
 

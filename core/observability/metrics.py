@@ -302,9 +302,9 @@ class DbPoolMetrics:
         else:
             connections = Gauge("atrium_db_pool_connections", self._HELP, ["state"], registry=registry,
                                 multiprocess_mode="livesum")
-            limit = Gauge("atrium_db_pool_max_connections", self._LIMIT_HELP, registry=registry,
-                          multiprocess_mode="livesum")
-            self._gauges = (connections.labels("in_use"), connections.labels("idle"), limit)
+            max_connections = Gauge("atrium_db_pool_max_connections", self._LIMIT_HELP, registry=registry,
+                                    multiprocess_mode="livesum")
+            self._gauges = (connections.labels("in_use"), connections.labels("idle"), max_connections)
 
     def read(self) -> tuple[int, int, int] | None:
         """(in use, idle, limit); None for a pool that keeps no counts (NullPool, StaticPool)."""

@@ -11,10 +11,16 @@ from typing import Any
 
 from dependency_injector import containers, providers
 
+from core.edge.idempotency import IdempotencyStore
+from core.edge.pagination import CursorCodec
+from core.email import EmailSender
+from core.messaging.outbox import Inbox, Outbox
 from modules.billing.adapters.gateway import FakePaymentGateway, PaymentGateway
 from modules.billing.repository import InvoiceRepository, PaymentRepository
 from modules.billing.service.invoices import InvoiceService
 from modules.billing.service.payments import PaymentService
+from modules.items.public import ItemsFacade
+from modules.users.public import UsersFacade
 
 
 def _http_gateway(**options: Any) -> PaymentGateway:
@@ -31,14 +37,14 @@ async def _closing_gateway(gateway: PaymentGateway) -> AsyncIterator[PaymentGate
 
 
 class BillingContainer(containers.DeclarativeContainer):
-    settings: providers.Dependency[Any] = providers.Dependency()
-    outbox: providers.Dependency[Any] = providers.Dependency()
-    inbox: providers.Dependency[Any] = providers.Dependency()
-    cursors: providers.Dependency[Any] = providers.Dependency()
-    idempotency: providers.Dependency[Any] = providers.Dependency()
-    email_sender: providers.Dependency[Any] = providers.Dependency()
-    items_facade: providers.Dependency[Any] = providers.Dependency()
-    users_facade: providers.Dependency[Any] = providers.Dependency()
+    settings: providers.Dependency[Any] = providers.Dependency()  # config.Settings, not imported by modules
+    outbox: providers.Dependency[Outbox] = providers.Dependency()
+    inbox: providers.Dependency[Inbox] = providers.Dependency()
+    cursors: providers.Dependency[CursorCodec] = providers.Dependency()
+    idempotency: providers.Dependency[IdempotencyStore] = providers.Dependency()
+    email_sender: providers.Dependency[EmailSender] = providers.Dependency()
+    items_facade: providers.Dependency[ItemsFacade] = providers.Dependency()
+    users_facade: providers.Dependency[UsersFacade] = providers.Dependency()
 
     payment_gateway = providers.Selector(
         settings.provided.payments_backend,

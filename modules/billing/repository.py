@@ -16,7 +16,7 @@ class InvoiceRepository(Repository[InvoiceRow]):
     model = InvoiceRow
 
     def page(self, *, user_id: uuid.UUID | None, before: uuid.UUID | None, limit: int,
-             status: str | None = None) -> Select[tuple[InvoiceRow]]:
+             status: str | None = None) -> Select[InvoiceRow]:
         """Newest first (UUIDv7 ids order by creation); ``limit + 1`` rows tell if more exist.
 
         ``user_id=None`` lists everyone's invoices (admins).
@@ -30,7 +30,7 @@ class InvoiceRepository(Repository[InvoiceRow]):
             stmt = stmt.where(InvoiceRow.status == status)
         return stmt.order_by(InvoiceRow.id.desc()).limit(limit + 1)
 
-    def lines(self, invoice_ids: Collection[uuid.UUID]) -> Select[tuple[InvoiceLineRow]]:
+    def lines(self, invoice_ids: Collection[uuid.UUID]) -> Select[InvoiceLineRow]:
         return (
             select(InvoiceLineRow)
             .where(InvoiceLineRow.invoice_id.in_(list(invoice_ids)))
@@ -41,10 +41,10 @@ class InvoiceRepository(Repository[InvoiceRow]):
 class PaymentRepository(Repository[PaymentRow]):
     model = PaymentRow
 
-    def of_invoice(self, invoice_id: uuid.UUID) -> Select[tuple[PaymentRow]]:
+    def of_invoice(self, invoice_id: uuid.UUID) -> Select[PaymentRow]:
         return self.select().where(PaymentRow.invoice_id == invoice_id).order_by(PaymentRow.id)
 
-    def active_of_invoice(self, invoice_id: uuid.UUID) -> Select[tuple[PaymentRow]]:
+    def active_of_invoice(self, invoice_id: uuid.UUID) -> Select[PaymentRow]:
         """The invoice's pending or succeeded payment, if any (there is at most one)."""
         return self.select().where(
             PaymentRow.invoice_id == invoice_id,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -31,7 +31,10 @@ Payments = Annotated[PaymentService, Provided("billing.payments")]
 Idempotency = Annotated[IdempotencyStore, Provided("billing.idempotency")]
 Gateway = Annotated[PaymentGateway, Provided("billing.payment_gateway")]
 
-_OWNED = {401: {"description": "not authenticated"}, 404: {"description": "not found (or not yours)"}}
+_OWNED: dict[int | str, dict[str, Any]] = {
+    401: {"description": "not authenticated"},
+    404: {"description": "not found (or not yours)"},
+}
 
 
 @router.post("/invoices", status_code=201, response_model=InvoiceRead,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Select, bindparam, insert, select
+from sqlalchemy import Select, Table, bindparam, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from core.db.repository import Repository
@@ -16,7 +16,7 @@ from modules.items.models import ItemRow
 
 _t = ItemRow.__table__.c
 # Compiled once per dialect; every column is a parameter (core.db.session.DirectWrite).
-_INSERT = DirectWrite(insert(ItemRow.__table__))
+_INSERT = DirectWrite(insert(cast(Table, ItemRow.__table__)))  # declared as a FromClause
 # The hot read (a cache miss), compiled once and run on the driver directly (core.db.session.DirectRead).
 _READ = DirectRead(
     select(_t.id, _t.name, _t.description, _t.price, _t.currency, _t.created_at, _t.updated_at)
@@ -36,7 +36,7 @@ class ItemRepository(Repository[ItemRow]):
         min_price: int | None = None,
         max_price: int | None = None,
         currency: str | None = None,
-    ) -> Select[tuple[ItemRow]]:
+    ) -> Select[ItemRow]:
         """One keyset page in id order (UUIDv7: creation order); ``limit + 1`` rows tell if more exist."""
         stmt = self.select()
         if after is not None:
@@ -60,7 +60,7 @@ class ItemRepository(Repository[ItemRow]):
             created_at=item.created_at, updated_at=item.updated_at,
         )
 
-    def prices(self, ids: Collection[uuid.UUID]) -> Select[tuple[uuid.UUID, str, int, str]]:
+    def prices(self, ids: Collection[uuid.UUID]) -> Select[uuid.UUID, str, int, str]:
         return select(_t.id, _t.name, _t.price, _t.currency).where(_t.id.in_(list(ids)))
 
     async def read(self, engine: AsyncEngine, item_id: uuid.UUID) -> Any | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
@@ -18,7 +18,10 @@ from modules.items.service import ItemFilters, ItemService
 router = APIRouter(prefix="/items", tags=["items"], route_class=TransactionalRoute)
 Service = Annotated[ItemService, Provided("items.service")]
 
-_ADMIN = {401: {"description": "not authenticated"}, 403: {"description": "not an admin"}}
+_ADMIN: dict[int | str, dict[str, Any]] = {
+    401: {"description": "not authenticated"},
+    403: {"description": "not an admin"},
+}
 _JSON = "application/json"
 
 

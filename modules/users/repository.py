@@ -11,5 +11,5 @@ from modules.users.models import UserRow
 class UserRepository(Repository[UserRow]):
     model = UserRow
 
-    def by_email(self, normalized_email: str) -> Select[tuple[UserRow]]:
+    def by_email(self, normalized_email: str) -> Select[UserRow]:
         return self.select().where(UserRow.email == normalized_email)

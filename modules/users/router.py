@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.security import OAuth2PasswordRequestForm
@@ -18,7 +18,10 @@ from modules.users.service import UserService
 router = APIRouter(tags=["users"], route_class=TransactionalRoute)
 Service = Annotated[UserService, Provided("users.service")]
 
-_ERRORS = {401: {"description": "not authenticated"}, 404: {"description": "not found"}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "not authenticated"},
+    404: {"description": "not found"},
+}
 
 
 @router.post("/users", status_code=201, response_model=UserRead,

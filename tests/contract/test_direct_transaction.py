@@ -151,12 +151,13 @@ async def rows(peer: Peer) -> AsyncIterator[Rows]:
 
 @pytest.fixture
 async def make_engine(postgres_url: str) -> AsyncIterator[Callable[..., AsyncEngine]]:
-    """Fresh PostgreSQL engines (``pool_size=2, max_overflow=0`` unless told), disposed at the end."""
+    """Fresh fast-path PostgreSQL engines (``pool_size=2, max_overflow=0`` unless told), disposed after."""
     made: list[AsyncEngine] = []
 
     def make(**options: Any) -> AsyncEngine:
         options.setdefault("pool_size", 2)
         options.setdefault("max_overflow", 0)
+        options.setdefault("fast_path", True)  # the fast path's session and statements are under test
         engine = create_engine(postgres_url, **options)
         made.append(engine)
         return engine
@@ -916,7 +917,7 @@ class TestPool:
 class TestSQLite:
     @pytest.fixture
     async def sqlite_engine(self, sqlite_url: str) -> AsyncIterator[AsyncEngine]:
-        engine = create_engine(sqlite_url, pool_size=2, max_overflow=0)
+        engine = create_engine(sqlite_url, pool_size=2, max_overflow=0, fast_path=True)
         yield engine
         await engine.dispose()
 

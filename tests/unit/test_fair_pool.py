@@ -108,7 +108,7 @@ async def test_put_beyond_maxsize_raises_full() -> None:
 
 
 async def test_postgres_checkouts_beyond_the_pool_are_served_in_arrival_order(postgres_url: str) -> None:
-    engine = create_engine(postgres_url, pool_size=2, max_overflow=0, pool_timeout=10)
+    engine = create_engine(postgres_url, pool_size=2, max_overflow=0, pool_timeout=10, fast_path=True)
     assert isinstance(engine.sync_engine.pool, FairQueuePool)
     order: list[int] = []
 
@@ -135,7 +135,7 @@ async def test_postgres_checkouts_beyond_the_pool_are_served_in_arrival_order(po
 async def test_postgres_pool_timeout_still_applies(postgres_url: str) -> None:
     from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    engine = create_engine(postgres_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    engine = create_engine(postgres_url, pool_size=1, max_overflow=0, pool_timeout=0.2, fast_path=True)
     try:
         async with engine.connect():
             with pytest.raises(PoolTimeout):

@@ -24,10 +24,12 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
-SUCCEEDED, PENDING, DECLINED = "succeeded", "pending", "declined"
 ChargeStatus = Literal["succeeded", "pending", "declined"]
+SUCCEEDED: Final = "succeeded"
+PENDING: Final = "pending"
+DECLINED: Final = "declined"
 
 SIGNATURE_HEADER = "Atrium-Gateway-Signature"
 SIGNATURE_TOLERANCE_SECONDS = 300
@@ -37,7 +39,7 @@ DECLINES = {
     "tok_insufficientFunds": ("insufficient_funds", "The card has insufficient funds."),
     "tok_expiredCard": ("expired_card", "The card has expired."),
 }
-ASYNC_TOKENS = {"tok_async": SUCCEEDED, "tok_asyncDeclined": DECLINED}
+ASYNC_TOKENS: dict[str, ChargeStatus] = {"tok_async": SUCCEEDED, "tok_asyncDeclined": DECLINED}
 
 
 @dataclass(frozen=True, slots=True)

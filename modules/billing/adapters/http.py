@@ -169,7 +169,7 @@ class HttpPaymentGateway:
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(max(retry_after, 0.0), self.max_backoff)
-        ceiling = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+        ceiling: float = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
         return ceiling / 2 + random.uniform(0, ceiling / 2)  # "equal jitter": spreads retries out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,7 +123,9 @@ class InvoiceService:
         await session.flush()
         return (await self._with_lines(session, [row]))[0]
 
-    async def _with_lines(self, session: AsyncSession, rows: Sequence[InvoiceRow]) -> list[Invoice]:
+    async def _with_lines(
+        self, session: AsyncSession, rows: Sequence[InvoiceRow]
+    ) -> builtins.list[Invoice]:  # `list` is a method of this class here
         """Attach the lines of all ``rows`` with one query."""
         if not rows:
             return []
