@@ -50,7 +50,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
-PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
+# BENCH_PG_HOST / BENCH_PG_PORT: another PostgreSQL (user postgres, trust auth), e.g. a private one
+# when the shared server's connections are taken by test runs.
+PG_HOST = os.environ.get("BENCH_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("BENCH_PG_PORT", "5432"))
+PG_USER = "postgres"
+# Connections the benchmark holds at one time: the server under load (its pool: 20), the
+# baseline's asyncpg pool (10-20) and a few (release_connections closes the idle servers' ones).
+PG_CONNECTIONS_NEEDED = 45
+BASELINE_APPLICATION = "atrium-bench-baseline"  # the baseline's connections, by application_name
 REDIS_URL = "redis://127.0.0.1:6379/0"
 API = "/api/v1"
 ADMIN_EMAIL = "bench-admin@example.com"
@@ -116,11 +124,21 @@ def free_port() -> int:
 # --- PostgreSQL and Redis -------------------------------------------------------------------
 
 
-def pg_execute(sql: str, database: str = "postgres") -> Any:
+def pg_execute(sql: str, database: str = "postgres", wait: float = 60.0) -> Any:
+    """One statement's value; waits up to ``wait`` seconds while PostgreSQL has no free connection
+    (others' test runs may hold them for a while)."""
     import asyncpg
 
     async def run() -> Any:
-        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=database)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=database)
+                break
+            except asyncpg.TooManyConnectionsError:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(1.0)
         try:
             return await conn.fetchval(sql)
         finally:
@@ -595,6 +613,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         parser.error("rounds >= 1, duration > 0, threads >= 1 and connections >= threads are required")
     if config.items < config.threads:
         parser.error("--items must be at least --threads")
+    if not float(config.duration).is_integer() or not float(config.warmup).is_integer():
+        parser.error("--duration and --warmup are whole seconds (wrk's -d)")
     return config
 
 
@@ -695,6 +715,8 @@ class Bench:
         self.secret_key = secrets.token_urlsafe(48)
         self.memory: dict[str, Any] = {}  # per mode
         self.variants: dict[str, Any] = {}  # per variant: its environment and the pieces it runs
+        self.prime_errors: dict[str, int] = {}  # per target: errors in the unmeasured priming bursts
+        self.server_warnings: dict[str, dict[str, int]] = {}
         self.started = datetime.now(UTC)
 
     # environment
@@ -729,7 +751,9 @@ class Bench:
         item_file.write_bytes(self.item_json)
         env.update(
             BENCH_ITEM_JSON_FILE=str(item_file),
-            BENCH_PG_DSN=f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{self.database}",
+            # Named, so release_connections leaves its pool alone (asyncpg's pool has no pre-ping).
+            BENCH_PG_DSN=f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{self.database}"
+                         f"?application_name={BASELINE_APPLICATION}",
             PYTHONUNBUFFERED="1",
         )
         return env
@@ -747,6 +771,15 @@ class Bench:
             raise BenchError(f"PostgreSQL does not answer on {PG_HOST}:{PG_PORT} (try scripts/services)")
         if not port_open("127.0.0.1", 6379):
             raise BenchError("Redis does not answer on 127.0.0.1:6379 (try scripts/services)")
+        free = int(pg_execute(
+            "SELECT current_setting('max_connections')::int "
+            "- current_setting('superuser_reserved_connections')::int "
+            "- (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')"
+        ))
+        if free < PG_CONNECTIONS_NEEDED:
+            say(f"warning: PostgreSQL on {PG_HOST}:{PG_PORT} has {free} free connection(s); the benchmark "
+                f"holds up to ~{PG_CONNECTIONS_NEEDED} at a time, so servers may answer 503 (too many "
+                "clients). Wait for other users, or point BENCH_PG_HOST/BENCH_PG_PORT at another server")
         if tree_cpu_seconds(os.getpid()) is None:
             say("warning: no /proc (and no psutil): the CPU µs/request column stays empty")
         return wrk
@@ -896,15 +929,24 @@ class Bench:
         c = self.config
         for target in (t for group in groups for t in group):
             say(f"warming {target.name} ({c.warmup:g} s)")
+            self.release_connections()
             if c.warmup > 0:
                 sample = wrk.run(target, c.warmup)
                 if sample.errors:
                     raise BenchError(f"{target.name} failed during warm-up: {sample}")
         before = {key: cache_counters(base) for key, base in products.items()}
         width = max(len(t.name) for group in groups for t in group)
+        prime = 1.0  # wrk takes whole seconds
         for r in range(c.rounds):
             for group in _rotated(groups, r):
                 for target in _rotated(group, r):
+                    # The idle servers' connections closed, the target's pool refilled, unmeasured.
+                    self.release_connections()
+                    primed = wrk.run(target, prime)
+                    if primed.errors:
+                        self.prime_errors[target.key] = self.prime_errors.get(target.key, 0) + primed.errors
+                        say(f"warning: {target.name}: {primed.errors} error(s) while its pool reconnected "
+                            "(unmeasured)")
                     sample = wrk.run(target, c.duration, cpu=True)
                     target.samples.append(sample)
                     flag = f"  ERRORS: {sample.errors}" if sample.errors else ""
@@ -915,6 +957,52 @@ class Bench:
         for key, base in products.items():
             after = cache_counters(base)
             self.cache_checks[key] = {k: after.get(k, 0.0) - before[key].get(k, 0.0) for k in after}
+
+    def release_connections(self) -> int:
+        """Close the product servers' idle PostgreSQL connections to the benchmark's database.
+
+        Each one-worker product server keeps up to its pool size (20) of connections open once a
+        run has used them, and a run has a dozen servers or more: together more than PostgreSQL's
+        default ``max_connections`` (100). Before each run the idle ones are terminated
+        (``pg_terminate_backend``) and their end waited for, so only the server under load holds
+        connections; the product's pools replace a closed connection on checkout (pre-ping), and
+        the run's unmeasured priming burst reopens them. The baseline's asyncpg pool (no pre-ping:
+        a terminated connection would fail a request) is left alone."""
+        where = (f"datname = '{self.database}' AND state = 'idle' AND pid <> pg_backend_pid() "
+                 f"AND application_name <> '{BASELINE_APPLICATION}'")
+        closed = int(pg_execute(
+            f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {where}"))
+        deadline = time.monotonic() + 5.0
+        while closed and time.monotonic() < deadline:
+            if not int(pg_execute(f"SELECT count(*) FROM pg_stat_activity WHERE {where}")):
+                break
+            time.sleep(0.05)
+        return closed
+
+    def log_warnings(self) -> dict[str, dict[str, int]]:
+        """Per server, its log's WARNING/ERROR/CRITICAL lines, counted by logger and message: a row
+        whose server failed open (a rate limiter out of connections), or answered 503s, says so."""
+        found: dict[str, dict[str, int]] = {}
+        for proc in self.procs:
+            counts: dict[str, int] = {}
+            with suppress(OSError), proc.log_path.open(errors="replace") as log:
+                for line in log:
+                    if "WARNING" not in line and "ERROR" not in line and "CRITICAL" not in line:
+                        continue
+                    try:
+                        record = json.loads(line)
+                        level = str(record.get("level", ""))
+                        if level not in ("WARNING", "ERROR", "CRITICAL"):
+                            continue
+                        message = f"{level} {record.get('logger', '?')}: {str(record.get('msg', ''))[:160]}"
+                    except (ValueError, AttributeError):
+                        message = line.strip()[:180]
+                    counts[message] = counts.get(message, 0) + 1
+            if counts:
+                found[proc.name] = counts
+                for message, count in counts.items():
+                    say(f"warning: {proc.name} logged {count} x {message}")
+        return found
 
     def start_products(
         self, variants: Sequence[Variant], kinds: Sequence[str]
@@ -1020,11 +1108,13 @@ class Bench:
         self.measure(wrk, groups, products)
         if c.memory_requests:
             for v in variants:
+                self.release_connections()
                 mem = servers[v.name]["mem"]
                 target = Target(f"mem@{v.name}", "mem", "product, warm cache (memory run)", mem.base,
                                 f"{API}/items/{item0}", pid=mem.pid, mode=v.name, mode_label=v.label)
                 self.memory[v.name] = self.measure_memory(wrk, target, mem)
         self.check_alive()
+        self.server_warnings = self.log_warnings()
         return self.report(targets, wrk, variants)
 
     def report(self, targets: list[Target], wrk: Wrk, variants: Sequence[Variant]) -> dict[str, Any]:
@@ -1071,6 +1161,8 @@ class Bench:
                 "wrk_command": " ".join(wrk.argv(targets[1], c.duration)),
             },
             "cache_lookups_during_rounds": self.cache_checks,
+            "server_warnings": self.server_warnings,
+            "priming_errors": self.prime_errors,
             "machine": machine_facts(self.python),
             "side_by_side": side_by_side,
             "rows": rows,
@@ -1141,6 +1233,7 @@ class Bench:
                     for v in variants for kind in ("warm", "cold")}
         self.measure(wrk, groups, products)
         self.check_alive()
+        self.server_warnings = self.log_warnings()
 
         by_key = {t.key: t for t in targets}
         row_kinds = [g[0].row for g in groups]
@@ -1182,6 +1275,8 @@ class Bench:
             "whole_fast_path": gains("on", "off"),
             "pieces": pieces,
             "cache_lookups_during_rounds": self.cache_checks,
+            "server_warnings": self.server_warnings,
+            "priming_errors": self.prime_errors,
             "machine": machine_facts(self.python),
             "rows": [target_row(t) for t in targets],
         }
@@ -1311,6 +1406,16 @@ def _footer(result: dict[str, Any]) -> list[str]:
         lines += ["", "Cache lookups during the measured rounds (product `/metrics`): " + "; ".join(
             f"{key}: " + (", ".join(f"{k} {v:,.0f}" for k, v in sorted(vals.items()) if v) or "none")
             for key, vals in checks.items())]
+    warnings = result.get("server_warnings") or {}
+    if warnings:
+        lines += ["", "Warnings and errors in the servers' logs (a row whose server failed open or answered "
+                  "errors is not comparable): " + "; ".join(
+                      f"{server}: " + ", ".join(f"{n:,} x {message}" for message, n in messages.items())
+                      for server, messages in warnings.items()) + "."]
+    priming = result.get("priming_errors") or {}
+    if priming:
+        lines += ["", "Errors in the unmeasured priming bursts (pools reconnecting): " + ", ".join(
+            f"{key} {count:,}" for key, count in priming.items()) + "."]
     variants = result.get("variants") or {}
     if variants:
         lines += ["", "Fast path pieces per server variant (asked of the product's settings): " + "; ".join(

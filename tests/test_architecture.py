@@ -29,8 +29,8 @@ from containers import build_container
 from core.db.base import Base
 from core.module import Module, import_module, load_modules
 from core.observability.logging import configure_logging
-from tests.conftest import make_settings
 from tests.support.db import table_names
+from tests.support.settings import make_settings
 from tooling.verify import verify
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,8 +15,8 @@ import pytest
 
 from core.security import PasswordHasher
 from migrations import downgrade
-from tests.conftest import TEST_SECRET, make_settings
 from tests.support.db import table_names
+from tests.support.settings import TEST_SECRET, make_settings
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ from migrations import (
     targets,
     upgrade,
 )
-from tests.conftest import make_settings
+from tests.support.settings import make_settings
 
 ALL = ("users", "items", "billing")
 

@@ -192,7 +192,7 @@ def _handler(route: APIRoute) -> Handler:
     body_field = route.body_field
     response_field = route.response_field
     status_code = route.status_code
-    serialize = {
+    serialize: dict[str, Any] = {
         "include": route.response_model_include, "exclude": route.response_model_exclude,
         "by_alias": route.response_model_by_alias, "exclude_unset": route.response_model_exclude_unset,
         "exclude_defaults": route.response_model_exclude_defaults,
@@ -220,8 +220,8 @@ def _handler(route: APIRoute) -> Handler:
                 raise ResponseValidationError(errors=errors, body=raw,
                                               endpoint_ctx=_context(route, request))
             content = response_field.serialize_json(value, **serialize)
-            response = Response(content, media_type="application/json",
-                                **({"status_code": code} if code is not None else {}))
+            status: dict[str, Any] = {"status_code": code} if code is not None else {}
+            response = Response(content, media_type="application/json", **status)
         else:
             response = default_class(jsonable_encoder(raw),
                                      **({"status_code": code} if code is not None else {}))

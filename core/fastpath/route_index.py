@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import operator
 
-from fastapi.routing import APIRoute, APIRouter, _apply_router_form_limits, _route_selected, _update_scope
+from fastapi.routing import APIRoute, APIRouter, _apply_router_form_limits, _update_scope
+from fastapi.telemetry._api import _route_selected  # what fastapi.routing imports and calls
 from starlette._utils import get_route_path
-from starlette.routing import Match, Mount, Route
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 _SEGMENTS = 3  # the key: a path's first three segments ("/api/v1/items")
@@ -51,9 +52,9 @@ class RouteIndex:
     def __init__(self, router: APIRouter) -> None:
         self.router = router
         self.fallback: ASGIApp = router.middleware_stack
-        self._snapshot: list[object] = []  # the table the index was built from
-        self._by_key: dict[str, tuple[Route, ...]] = {}
-        self._anywhere: tuple[object, ...] = ()
+        self._snapshot: list[BaseRoute] = []  # the table the index was built from
+        self._by_key: dict[str, tuple[BaseRoute, ...]] = {}
+        self._anywhere: tuple[BaseRoute, ...] = ()
 
     def _rebuild(self) -> None:
         routes = list(self.router.routes)
@@ -61,7 +62,7 @@ class RouteIndex:
         # Each key's candidates are its own routes and the unfixed ones, in table order.
         self._by_key = {
             key: tuple(r for r, k in zip(routes, keys, strict=True) if k is None or k == key)
-            for key in set(keys) - {None}
+            for key in {k for k in keys if k is not None}
         }
         self._anywhere = tuple(r for r, k in zip(routes, keys, strict=True) if k is None)
         self._snapshot = routes
@@ -81,7 +82,7 @@ class RouteIndex:
             await self.fallback(scope, receive, send)
             return
         for route in self._by_key.get(_key(path), self._anywhere):
-            match, child_scope = route.matches(scope)  # type: ignore[attr-defined]
+            match, child_scope = route.matches(scope)
             if match is Match.FULL:
                 # What the router does with a full match (fastapi.routing.APIRouter.app).
                 _apply_router_form_limits(scope, router.form_limits)
@@ -89,7 +90,7 @@ class RouteIndex:
                 _update_scope(scope, child_scope)
                 _route_selected(scope=scope, path=getattr(route, "path_format", None),
                                 mount=isinstance(route, Mount))
-                await route.handle(scope, receive, send)  # type: ignore[attr-defined]
+                await route.handle(scope, receive, send)
                 return
         await self.fallback(scope, receive, send)
 

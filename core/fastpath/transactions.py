@@ -24,14 +24,15 @@ an engine whose statements something listens to (``observed``: tracing, statemen
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
-from sqlalchemy.sql import Executable
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from core.db.engine import database_unavailable
@@ -46,8 +47,8 @@ class _Compiled:
 
     __slots__ = ("binds", "sql")
 
-    def __init__(self, statement: Executable, dialect: Any) -> None:
-        query = statement.compile(dialect=dialect)
+    def __init__(self, statement: ClauseElement, dialect: Any) -> None:
+        query = cast("SQLCompiler", statement.compile(dialect=dialect))  # a statement's compiler
         self.sql: str = query.string
         self.binds = tuple(
             (name, query.binds[name].type.bind_processor(dialect)) for name in query.positiontup or ()
@@ -277,7 +278,8 @@ async def read_one(engine: AsyncEngine, statement: Any, params: Mapping[str, Any
     query = compiled(statement, engine.dialect)
     connection = await engine.raw_connection()
     try:
-        return True, await connection.driver_connection.fetchrow(query.sql, *query.parameters(params))
+        driver: Any = connection.driver_connection  # asyncpg's connection while checked out
+        return True, await driver.fetchrow(query.sql, *query.parameters(params))
     except BaseException as exc:
         if isinstance(exc, Exception) and database_unavailable(exc):
             connection.invalidate(exc)  # a dead connection must not go back to the pool

@@ -251,12 +251,14 @@ class RedisRateLimiter:
 
     @classmethod
     def from_url(
-        cls, url: str, namespace: str = "atrium", *, timeout: float = 1.0, max_connections: int = 32,
+        cls, url: str, namespace: str = "atrium", *, timeout: float = 1.0, max_connections: int = 1024,
         pipelined: bool = False,
     ) -> RedisRateLimiter:
         """``timeout`` bounds connecting and each command. It is wall-clock on the event loop, so a
         loop busy with a burst of requests eats into it: it is longer than the cache's, and
-        ``RateLimits`` stops asking a failing limiter for a while anyway."""
+        ``RateLimits`` stops asking a failing limiter for a while anyway. ``max_connections`` is
+        redis-py's pool bound, which the stock path reaches with one connection per concurrent
+        hit (the fast path's pipelined connection is one per process)."""
         client = aioredis.Redis.from_url(
             url, max_connections=max_connections,
             socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30,

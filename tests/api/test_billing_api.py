@@ -12,11 +12,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.api.conftest import Stack, bearer, eventually, make_admin, sign_up
-from tests.api.test_users_api import assert_envelope
+from tests.support.api import bearer, make_admin, sign_up
+from tests.support.billing import INVOICES, ITEMS, new_invoice, new_item, pay, settled
+from tests.support.envelope import assert_envelope
+from tests.support.stack import Stack
+from tests.support.waiting import eventually
 
-INVOICES = "/api/v1/invoices"
-ITEMS = "/api/v1/items"
 WEBHOOK = "/api/v1/webhooks/payment-gateway"
 
 
@@ -36,42 +37,6 @@ async def alice(stack: Stack) -> dict[str, str]:
 async def mallory(stack: Stack) -> dict[str, str]:
     _, token = await sign_up(stack.client, full_name="Mallory Other")
     return bearer(token)
-
-
-async def new_item(stack: Stack, admin: dict[str, str], price: int = 250, currency: str = "EUR") -> str:
-    body = {"name": f"Item {uuid.uuid4().hex[:8]}", "price": price, "currency": currency}
-    response = await stack.client.post(ITEMS, json=body, headers=admin)
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
-
-
-async def new_invoice(stack: Stack, headers: dict[str, str], *lines: tuple[str, int]) -> dict[str, Any]:
-    body = {"lines": [{"item_id": item_id, "quantity": qty} for item_id, qty in lines]}
-    response = await stack.client.post(INVOICES, json=body, headers=headers)
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-async def pay(stack: Stack, headers: dict[str, str], invoice_id: str, token: str = "tok_visa",
-              key: str | None = None) -> httpx.Response:
-    return await stack.client.post(
-        f"{INVOICES}/{invoice_id}/payments", json={"payment_token": token},
-        headers={**headers, "Idempotency-Key": key or uuid.uuid4().hex},
-    )
-
-
-async def settled(stack: Stack, headers: dict[str, str], payment_id: str) -> dict[str, Any]:
-    """The payment once it has left ``pending``."""
-    found: dict[str, Any] = {}
-
-    async def done() -> bool:
-        response = await stack.client.get(f"/api/v1/payments/{payment_id}", headers=headers)
-        assert response.status_code == 200, response.text
-        found.update(response.json())
-        return bool(found["status"] != "pending")
-
-    await eventually(done, within=20)
-    return found
 
 
 async def invoice_of(stack: Stack, headers: dict[str, str], invoice_id: str) -> dict[str, Any]:

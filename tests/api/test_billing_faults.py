@@ -19,46 +19,39 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from dramatiq import Message
 from sqlalchemy import select, text
 
-from config import Settings
 from core.db.base import utcnow
 from core.db.session import UnitOfWork
 from core.messaging.outbox import EVENT, JOB, OutboxMessage
 from core.security import Principal
 from main import create_app
 from modules.billing.adapters.gateway import FakePaymentGateway
-from tests.api.conftest import (
-    CHEAP_HASHING,
-    Gateway,
-    Stack,
-    _flush_redis_namespace,
-    _serve,
-    _start_worker,
-    _stop_worker,
-    _wait_until_started,
-    bearer,
-    eventually,
-    make_admin,
-    sign_up,
+from tests.support.api import bearer, make_admin, sign_up
+from tests.support.billing import (
+    INVOICES,
+    customer_with_invoice,
+    invoice_status,
+    new_invoice,
+    new_item,
+    pay,
+    payment_of,
+    receipts,
+    settled,
 )
-from tests.api.test_billing_api import INVOICES, new_invoice, new_item, pay, settled
-from tests.conftest import TEST_SECRET, make_settings, migrated
-from tests.support.gateway import GatewayServer
+from tests.support.production import private_production
 from tests.support.redis_server import RedisServer, require_redis_server
-from tests.support.services import REDIS_URL, require
-from tests.support.smtp import SmtpServer
+from tests.support.services import REDIS_URL
+from tests.support.settings import CHEAP_HASHING, make_settings
+from tests.support.stack import Gateway, Stack, serve
+from tests.support.waiting import eventually, holds_for
 
 CHARGE_TASK = "billing.charge_payment"
 User = tuple[dict[str, str], str]  # (auth headers, email)
@@ -78,19 +71,6 @@ async def alice(stack: Stack) -> User:
     """A fresh user per test: (auth headers, email), so mail counts are the test's own."""
     user, token = await sign_up(stack.client, full_name="Alice Example")
     return bearer(token), user["email"]
-
-
-def receipts(stack: Stack, email: str) -> int:
-    return sum(1 for subject, _ in stack.mails(email) if "receipt" in subject)
-
-
-async def holds_for(check: Callable[[], bool], seconds: float) -> None:
-    """Assert that ``check`` stays true for ``seconds`` (e.g. no second mail arrives late)."""
-    deadline = asyncio.get_running_loop().time() + seconds
-    while asyncio.get_running_loop().time() < deadline:
-        assert check(), "the condition stopped holding"
-        await asyncio.sleep(0.05)
-    assert check(), "the condition stopped holding"
 
 
 async def outbox_rows(stack: Stack, name: str, payment_id: str) -> list[OutboxMessage]:
@@ -115,136 +95,6 @@ def as_message(stack: Stack, row: OutboxMessage) -> Message[Any]:
         kwargs={"message_id": str(row.id), "request_id": row.request_id, "payload": row.payload},
         options={},
     )
-
-
-async def payment_of(stack: Stack, headers: dict[str, str], payment_id: str) -> dict[str, Any]:
-    response = await stack.client.get(f"/api/v1/payments/{payment_id}", headers=headers)
-    assert response.status_code == 200, response.text
-    return dict(response.json())
-
-
-async def invoice_status(stack: Stack, headers: dict[str, str], invoice_id: str) -> str:
-    response = await stack.client.get(f"{INVOICES}/{invoice_id}", headers=headers)
-    assert response.status_code == 200, response.text
-    return str(response.json()["status"])
-
-
-# --- a private production-like environment ---------------------------------------------------
-
-
-@dataclass
-class Private:
-    """Settings and servers of one test's own production-like environment."""
-
-    tmp: Path
-    values: dict[str, Any]
-    namespace: str
-    smtp: SmtpServer
-    gateway: GatewayServer
-    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    responses: list[tuple[str, str, int]] = field(default_factory=list)  # every API answer
-
-    async def start_worker(self) -> subprocess.Popen[bytes]:
-        log_path = self.tmp / f"worker-{len(self.workers) + 1}.log"
-        process = _start_worker(self.values, log_path)
-        self.workers.append(process)
-        await _wait_until_started(process, log_path)
-        return process
-
-    def log_of(self, process: subprocess.Popen[bytes]) -> str:
-        return (self.tmp / f"worker-{self.workers.index(process) + 1}.log").read_text(errors="replace")
-
-    async def stop_worker(self, process: subprocess.Popen[bytes]) -> None:
-        """SIGTERM; the worker must finish and exit 0."""
-        code = await asyncio.to_thread(_stop_worker, process)
-        assert code == 0, f"worker exited with {code}:\n{self.log_of(process)[-3000:]}"
-
-    @asynccontextmanager
-    async def api(self) -> AsyncIterator[Stack]:
-        """The API in this process, on this environment, as a ``Stack`` (minus the shared worker)."""
-        settings = Settings(**{**self.values, "log_level": "WARNING"})
-        app = create_app(settings)
-        smtp, gateway = self.smtp, self.gateway
-
-        async def record(response: httpx.Response) -> None:
-            self.responses.append((response.request.method, response.request.url.path, response.status_code))
-
-        def mails(to: str) -> list[tuple[str, str]]:
-            return [(m.subject, m.body) for m in smtp.messages if to in m.rcpt_tos]
-
-        async with _serve(app) as client:
-            client.event_hooks["response"].append(record)
-            yield Stack(
-                profile="production", settings=settings, app=app, client=client,
-                wait_for_mail=smtp.wait_for,
-                mail_count=lambda to: sum(1 for m in smtp.messages if to in m.rcpt_tos),
-                gateway=Gateway(gateway.ledger, gateway.fail_next, gateway.settle_pending),
-                mails=mails, gateway_server=gateway,
-            )
-
-    def server_errors(self) -> list[tuple[str, str, int]]:
-        """Every 5xx the API answered, readiness probes excepted (their 503 is the point)."""
-        return [r for r in self.responses if r[2] >= 500 and r[1] != "/health/ready"]
-
-
-@asynccontextmanager
-async def private_production(
-    tmp: Path, pg_database_factory: Callable[[], Awaitable[str]], *, broker_url: str = REDIS_URL,
-    **overrides: Any,
-) -> AsyncIterator[Private]:
-    """Like the session stack's production profile, but every server and name is this test's own.
-
-    Whatever happens, worker processes are killed and the Redis namespace is flushed on the way out.
-    """
-    require("postgres")
-    require("redis")
-    database_url = await migrated(await pg_database_factory())
-    namespace = f"atrium-test-{uuid.uuid4().hex[:10]}"
-    with SmtpServer() as smtp, GatewayServer() as gateway:
-        values: dict[str, Any] = {
-            "env": "production",
-            "modules": ("users", "items", "billing"),
-            "secret_key": TEST_SECRET,
-            "database_url": database_url,
-            "cache_backend": "redis",
-            "redis_url": REDIS_URL,
-            "cache_namespace": namespace,
-            "broker_backend": "redis",
-            "broker_url": broker_url,
-            "broker_namespace": namespace,
-            "email_backend": "smtp",
-            "smtp_host": smtp.host,
-            "smtp_port": smtp.port,
-            "payments_url": gateway.url,
-            "payments_api_key": gateway.api_key,
-            "payments_webhook_secret": gateway.webhook_secret,
-            "payments_timeout": 2.0,
-            "job_min_backoff_ms": 100,
-            "job_max_backoff_ms": 1000,
-            "log_level": "INFO",
-            "log_json": True,
-            "outbox_poll_interval": 0.2,
-            **CHEAP_HASHING,
-            **overrides,
-        }
-        env = Private(tmp, values, namespace, smtp, gateway)
-        try:
-            yield env
-        finally:
-            for process in env.workers:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-            await _flush_redis_namespace(namespace)
-
-
-async def customer_with_invoice(stack: Stack, price: int = 1250, quantity: int = 2) -> tuple[
-        dict[str, str], str, dict[str, Any]]:
-    """An admin-made item, a new user and an open invoice of theirs: (user headers, email, invoice)."""
-    admin = bearer(await make_admin(stack))
-    user, token = await sign_up(stack.client, full_name="Alice Example")
-    invoice = await new_invoice(stack, bearer(token), (await new_item(stack, admin, price), quantity))
-    return bearer(token), user["email"], invoice
 
 
 # --- 1. a burst of identical requests ------------------------------------------------------------
@@ -465,7 +315,7 @@ async def test_exhausted_retries_dead_letter_the_job_and_fail_the_payment(tmp_pa
     settings = make_settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'exhausted.db'}",
                              job_max_retries=2, job_min_backoff_ms=10, job_max_backoff_ms=50, **CHEAP_HASHING)
     app = create_app(settings)
-    async with _serve(app) as client:
+    async with serve(app) as client:
         container = app.state.container
         fake: FakePaymentGateway = container.billing.payment_gateway()
         sender = container.email_sender()

@@ -13,8 +13,10 @@ from typing import Any
 from sqlalchemy import select
 
 from core.messaging.outbox import OutboxMessage
-from tests.api.conftest import Stack, bearer, eventually, make_admin, sign_up, signup_body
-from tests.api.test_billing_api import new_invoice, new_item, pay, settled
+from tests.support.api import bearer, make_admin, sign_up, signup_body
+from tests.support.billing import new_invoice, new_item, pay, settled
+from tests.support.stack import Stack
+from tests.support.waiting import eventually
 
 
 def worker_lines(stack: Stack, request_id: str) -> list[dict[str, Any]]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 from main import create_app
-from tests.api.conftest import _serve
-from tests.api.test_users_api import assert_envelope
-from tests.conftest import make_settings
+from tests.support.envelope import assert_envelope
+from tests.support.settings import make_settings
+from tests.support.stack import serve
 
 CLOSED_PORT = 1  # nothing listens on tcpmux here; connections are refused at once
 
@@ -19,7 +19,7 @@ class TestDatabaseDown:
             auto_migrate=False,
             database_pool_timeout=1.0,
         )
-        async with _serve(create_app(settings)) as client:
+        async with serve(create_app(settings)) as client:
             started = time.monotonic()
             response = await client.post(
                 "/api/v1/auth/token", data={"username": "a@b.co", "password": "x" * 8}
@@ -44,7 +44,7 @@ class TestCacheDown:
             cache_backend="redis",
             redis_url=f"redis://127.0.0.1:{CLOSED_PORT}/0",
         )
-        async with _serve(create_app(settings)) as client:
+        async with serve(create_app(settings)) as client:
             error = assert_envelope(await client.get("/health/ready"), 503, "not_ready")
             checks = error["details"]["checks"]
             assert checks["cache"]["status"] == "down"
@@ -66,7 +66,7 @@ class TestBrokerDown:
             run_worker_in_process=False,
         )
         app = create_app(settings)
-        async with _serve(app) as client:
+        async with serve(app) as client:
             response = await client.post(
                 "/api/v1/users",
                 json={"email": "d@example.com", "password": "password1", "full_name": "D", "age": 20},

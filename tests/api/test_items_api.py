@@ -18,8 +18,9 @@ from sqlalchemy import select
 from core.edge.pagination import CursorCodec
 from core.messaging.outbox import OutboxMessage
 from modules.items.domain import DESCRIPTION_MAX, NAME_MAX, PRICE_MAX
-from tests.api.conftest import Stack, bearer, make_admin, sign_up
-from tests.api.test_users_api import assert_envelope
+from tests.support.api import bearer, make_admin, sign_up
+from tests.support.envelope import assert_envelope
+from tests.support.stack import Stack
 
 ITEMS = "/api/v1/items"
 FIELDS = {"id", "name", "description", "price", "currency", "created_at", "updated_at"}

@@ -20,9 +20,12 @@ from fastapi import FastAPI
 
 from core.db.session import UnitOfWork
 from main import create_app
-from tests.api.conftest import CHEAP_HASHING, _flush_redis_namespace, _serve, bearer, login, unique_email
-from tests.conftest import make_settings, migrated
+from tests.support.api import bearer, login, unique_email
+from tests.support.db import migrated
+from tests.support.redis_namespace import flush_redis_namespace
 from tests.support.services import REDIS_URL, require
+from tests.support.settings import CHEAP_HASHING, make_settings
+from tests.support.stack import serve
 
 ITEMS = "/api/v1/items"
 DEAD_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1: connections are refused at once
@@ -86,7 +89,7 @@ async def redis_namespace() -> AsyncIterator[str]:
     require("redis")
     namespace = f"atrium-test-items-{uuid.uuid4().hex[:10]}"
     yield namespace
-    await _flush_redis_namespace(namespace)
+    await flush_redis_namespace(namespace)
 
 
 class TestTwoProcessesOneRedis:
@@ -97,7 +100,7 @@ class TestTwoProcessesOneRedis:
         settings = make_settings(database_url=url, cache_backend="redis", redis_url=REDIS_URL,
                                  cache_namespace=redis_namespace, auto_migrate=False, **QUICK)
         app_a, app_b = create_app(settings), create_app(settings)
-        async with _serve(app_a) as a, _serve(app_b) as b:
+        async with serve(app_a) as a, serve(app_b) as b:
             headers = await admin_headers(app_a, a)
             item = await new_item(a, headers, price=1)
             path = f"{ITEMS}/{item['id']}"
@@ -121,7 +124,7 @@ class TestTwoProcessesOneRedis:
 class TestRedisDown:
     async def test_reads_come_from_the_database_and_errors_are_counted(self, tmp_path: Path) -> None:
         app = create_app(sqlite_settings(tmp_path, cache_backend="redis", redis_url=DEAD_REDIS))
-        async with _serve(app) as client:
+        async with serve(app) as client:
             headers = await admin_headers(app, client)
             item = await new_item(client, headers)
             started = time.monotonic()
@@ -153,7 +156,7 @@ class TestStampede:
         app = create_app(sqlite_settings(tmp_path, cache_backend=backend, redis_url=REDIS_URL,
                                          cache_namespace=namespace))
         try:
-            async with _serve(app) as client:
+            async with serve(app) as client:
                 item = await new_item(client, await admin_headers(app, client))
 
                 async def slow() -> None:
@@ -172,13 +175,13 @@ class TestStampede:
                 assert counter(app, "hit") == 1
         finally:
             if backend == "redis":
-                await _flush_redis_namespace(namespace)
+                await flush_redis_namespace(namespace)
 
     async def test_a_failing_load_fails_every_waiter_and_the_next_read_retries(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         app = create_app(sqlite_settings(tmp_path))
-        async with _serve(app) as client:
+        async with serve(app) as client:
             item = await new_item(client, await admin_headers(app, client))
             failures = [True]
 
@@ -204,7 +207,7 @@ class TestWriteDuringASlowRead:
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> AsyncIterator[dict[str, Any]]:
         app = create_app(sqlite_settings(tmp_path, cache_backend="memory"))
-        async with _serve(app) as client:
+        async with serve(app) as client:
             headers = await admin_headers(app, client)
             item = await new_item(client, headers, price=100)
             loaded, release = asyncio.Event(), asyncio.Event()
@@ -259,7 +262,7 @@ class TestCacheOff:
         settings = sqlite_settings(tmp_path)
         assert settings.cache_backend == "none"
         app = create_app(settings)
-        async with _serve(app) as client:
+        async with serve(app) as client:
             headers = await admin_headers(app, client)
             item = await new_item(client, headers)
             loads = count_loads(app, monkeypatch)

@@ -21,20 +21,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from config import Settings
 from main import create_app
-from tests.api.conftest import (
-    CHEAP_HASHING,
-    _flush_redis_namespace,
-    _serve,
-    _start_worker,
-    _stop_worker,
-    _wait_until_started,
-    as_environment,
-    eventually,
-    signup_body,
-)
-from tests.conftest import TEST_SECRET, make_settings, migrated
+from tests.support.api import signup_body
+from tests.support.db import migrated
+from tests.support.redis_namespace import flush_redis_namespace
 from tests.support.services import REDIS_URL, require
+from tests.support.settings import CHEAP_HASHING, TEST_SECRET, make_settings
 from tests.support.smtp import SmtpServer, free_port
+from tests.support.stack import serve
+from tests.support.waiting import eventually
+from tests.support.worker import as_environment, start_worker, stop_worker, wait_until_started
 
 pytestmark = pytest.mark.slow
 
@@ -236,13 +231,13 @@ async def production_worker(
         "log_level": "INFO", "log_json": True, **CHEAP_HASHING, **extra,
     }
     log_path = tmp_path / "worker.log"
-    worker = _start_worker(values, log_path)
+    worker = start_worker(values, log_path)
     try:
-        await _wait_until_started(worker, log_path)
+        await wait_until_started(worker, log_path)
         yield values, f"http://127.0.0.1:{port}/metrics"
     finally:
-        code = _stop_worker(worker)
-        await _flush_redis_namespace(namespace)
+        code = stop_worker(worker)
+        await flush_redis_namespace(namespace)
     assert code == 0, f"worker exited with {code}:\n{log_path.read_text()[-3000:]}"
 
 
@@ -262,7 +257,7 @@ async def test_the_worker_serves_job_outbox_and_pool_metrics_on_its_own_port(
             assert "process_cpu_seconds_total" in text  # one process: its own figures too
 
             app = create_app(Settings(**{**values, "log_level": "WARNING"}))
-            async with _serve(app) as client:
+            async with serve(app) as client:
                 body = signup_body()
                 assert (await client.post("/api/v1/users", json=body)).status_code == 201
                 await smtp.wait_for(body["email"])
@@ -294,7 +289,7 @@ async def test_the_in_process_worker_records_its_jobs_on_the_app_metrics(tmp_pat
     settings = make_settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'dev.db'}", **CHEAP_HASHING)
     app = create_app(settings)
     sender = app.state.container.email_sender()
-    async with _serve(app) as client:
+    async with serve(app) as client:
         body = signup_body()
         assert (await client.post("/api/v1/users", json=body)).status_code == 201
         await sender.wait_for(lambda m: m.to == body["email"], timeout=15)

@@ -7,8 +7,9 @@ import re
 import httpx
 from dependency_injector import providers
 
-from tests.api.conftest import Stack, bearer, sign_up
-from tests.api.test_users_api import assert_envelope
+from tests.support.api import bearer, sign_up
+from tests.support.envelope import assert_envelope
+from tests.support.stack import Stack
 
 
 class TestErrors:

@@ -24,10 +24,12 @@ from fastapi import FastAPI
 from config import ConfigError, load_settings
 from core.security import Principal
 from main import create_app
-from tests.api.conftest import CHEAP_HASHING, Stack, _flush_redis_namespace, _serve, bearer, signup_body
-from tests.api.test_users_api import assert_envelope
-from tests.conftest import make_settings
+from tests.support.api import bearer, signup_body
+from tests.support.envelope import assert_envelope
+from tests.support.redis_namespace import flush_redis_namespace
 from tests.support.services import REDIS_URL, require
+from tests.support.settings import CHEAP_HASHING, make_settings
+from tests.support.stack import Stack, serve
 
 ITEMS = "/api/v1/items"
 TOKEN = "/api/v1/auth/token"
@@ -50,11 +52,11 @@ async def limited_app(tmp_path: Path, **overrides: Any) -> AsyncIterator[tuple[F
     )
     app = create_app(settings)
     try:
-        async with _serve(app) as client:
+        async with serve(app) as client:
             yield app, client
     finally:
         if overrides.get("redis_url") == REDIS_URL:
-            await _flush_redis_namespace(namespace)
+            await flush_redis_namespace(namespace)
 
 
 def limits(**groups: str) -> dict[str, Any]:

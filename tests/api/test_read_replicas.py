@@ -32,9 +32,12 @@ from core.db.engine import create_engine
 from core.db.replicas import ReadSessions
 from core.db.session import UnitOfWork
 from main import create_app
-from tests.api.conftest import CHEAP_HASHING, GENEROUS_RATE_LIMITS, _serve, bearer, eventually, login, sign_up
-from tests.conftest import make_settings, migrated
+from tests.support.api import bearer, login, sign_up
+from tests.support.db import migrated
 from tests.support.pg_cluster import PgCluster, require_pg_cluster
+from tests.support.settings import CHEAP_HASHING, GENEROUS_RATE_LIMITS, make_settings
+from tests.support.stack import serve
+from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -83,7 +86,7 @@ async def env() -> AsyncIterator[Replicated]:
             **GENEROUS_RATE_LIMITS,
         )
         app = create_app(settings)
-        async with _serve(app) as client:
+        async with serve(app) as client:
             container = app.state.container
             email, password = f"admin-{uuid.uuid4().hex[:8]}@example.com", "admin password 123"
             async with UnitOfWork(container.sessions()) as session:

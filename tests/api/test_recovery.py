@@ -35,30 +35,18 @@ import pytest
 
 from core.db.session import UnitOfWork
 from main import create_app
-from tests.api.conftest import (
-    CHEAP_HASHING,
-    GENEROUS_RATE_LIMITS,
-    ROOT,
-    _serve,
-    as_environment,
-    bearer,
-    eventually,
-    login,
-)
-from tests.api.test_billing_api import pay
-from tests.api.test_billing_faults import (
-    customer_with_invoice,
-    holds_for,
-    invoice_status,
-    payment_of,
-    private_production,
-    receipts,
-)
-from tests.api.test_users_api import assert_envelope
-from tests.conftest import make_settings, migrated
+from tests.support.api import bearer, login
+from tests.support.billing import customer_with_invoice, invoice_status, pay, payment_of, receipts
+from tests.support.db import migrated
+from tests.support.envelope import assert_envelope
 from tests.support.pg_cluster import PgCluster, require_pg_cluster
+from tests.support.production import private_production
 from tests.support.redis_server import RedisServer, require_redis_server
+from tests.support.settings import CHEAP_HASHING, GENEROUS_RATE_LIMITS, make_settings
 from tests.support.smtp import free_port
+from tests.support.stack import serve
+from tests.support.waiting import eventually, holds_for
+from tests.support.worker import ROOT, as_environment
 
 POOL_TIMEOUT = 1.0
 CONNECT_TIMEOUT = 1.0
@@ -164,7 +152,7 @@ async def test_postgres_restarted_under_load_recovers_without_restarting_the_app
             **CHEAP_HASHING, **GENEROUS_RATE_LIMITS,
         )
         app = create_app(settings)
-        async with _serve(app) as client:
+        async with serve(app) as client:
             engine = app.state.container.engine()
             admin = await create_admin(app, client)
             for n in range(3):
@@ -261,7 +249,7 @@ async def test_cache_down_item_reads_bypass_it_and_use_it_again_once_back(tmp_pa
             **CHEAP_HASHING, **GENEROUS_RATE_LIMITS,
         )
         app = create_app(settings)
-        async with _serve(app) as client:
+        async with serve(app) as client:
             registry = app.state.container.metrics_registry()
 
             def counted(result: str) -> float:

@@ -11,24 +11,14 @@ import httpx
 import pytest
 
 from core.security import Principal, TokenService
-from tests.api.conftest import Stack, bearer, eventually, make_admin, sign_up, signup_body, unique_email
-from tests.conftest import TEST_SECRET
+from tests.support.api import bearer, make_admin, sign_up, signup_body, unique_email
+from tests.support.envelope import assert_envelope
+from tests.support.settings import TEST_SECRET
+from tests.support.stack import Stack
+from tests.support.waiting import eventually
 
 USERS = "/api/v1/users"
 TOKEN = "/api/v1/auth/token"
-
-
-def assert_envelope(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message", "details"}
-    assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str)
-    assert body["error"]["message"]
-    assert isinstance(body["error"]["details"], dict)
-    return body["error"]
 
 
 class TestSignUp:

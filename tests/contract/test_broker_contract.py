@@ -42,7 +42,7 @@ from core.messaging.queue import (
 )
 from core.observability.context import request_id_var
 from modules.users.models import UserRow
-from tests.conftest import migrated
+from tests.support.db import migrated
 from tests.support.services import RABBITMQ_URL, REDIS_URL, require
 
 RETRY = {"max_retries": 2, "min_backoff_ms": 10, "max_backoff_ms": 50, "time_limit_ms": 10_000}

@@ -8,8 +8,9 @@ it (one transaction), driver errors arrive as SQLAlchemy's, a dead connection ne
 use, and the connection always returns to the pool. On SQLite, and for a session already in a
 transaction, ``DirectWrite`` runs on the session's own connection as before.
 
-Rows are committed for real (each test has its own engine), so what a test commits is deleted by
-id afterwards; names carry a per-test prefix. Visibility is checked from a plain asyncpg
+Rows are committed for real (each test has its own engine), so each test has a database of its own
+(a fresh PostgreSQL database, a fresh SQLite file), dropped afterwards; names carry a per-test
+prefix. Visibility is checked from a plain asyncpg
 connection (``Peer``), which only ever sees committed rows. Calls that could hang on a broken
 connection run under ``asyncio.wait_for`` so a hang fails the test instead of blocking the run.
 """
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 import pytest
-from sqlalchemy import Column, ForeignKey, Integer, MetaData, Table, Uuid, delete, event, func, select, text
+from sqlalchemy import Column, ForeignKey, Integer, MetaData, Table, Uuid, event, func, select, text
 from sqlalchemy import insert as insert_into
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
@@ -47,7 +48,7 @@ T = TypeVar("T")
 
 
 class Rows:
-    """The items of one test: a unique name prefix, and every id handed out (deleted afterwards)."""
+    """The items of one test: a unique name prefix, and every id handed out."""
 
     def __init__(self) -> None:
         self.tag = f"direct{uuid.uuid4().hex[:10]}"
@@ -127,8 +128,8 @@ def asyncpg_dsn(url: str) -> str:
 
 
 @pytest.fixture
-async def peer(postgres_url: str) -> AsyncIterator[Peer]:
-    dsn = asyncpg_dsn(postgres_url)
+async def peer(private_postgres_url: str) -> AsyncIterator[Peer]:
+    dsn = asyncpg_dsn(private_postgres_url)
     connection = await asyncpg.connect(dsn)
     try:
         yield Peer(connection, dsn)
@@ -143,14 +144,12 @@ async def peer(postgres_url: str) -> AsyncIterator[Peer]:
 
 
 @pytest.fixture
-async def rows(peer: Peer) -> AsyncIterator[Rows]:
-    made = Rows()
-    yield made
-    await peer.connection.execute("DELETE FROM items WHERE id = ANY($1::uuid[])", made.ids)
+def rows() -> Rows:
+    return Rows()
 
 
 @pytest.fixture
-async def make_engine(postgres_url: str) -> AsyncIterator[Callable[..., AsyncEngine]]:
+async def make_engine(private_postgres_url: str) -> AsyncIterator[Callable[..., AsyncEngine]]:
     """Fresh fast-path PostgreSQL engines (``pool_size=2, max_overflow=0`` unless told), disposed after."""
     made: list[AsyncEngine] = []
 
@@ -158,7 +157,7 @@ async def make_engine(postgres_url: str) -> AsyncIterator[Callable[..., AsyncEng
         options.setdefault("pool_size", 2)
         options.setdefault("max_overflow", 0)
         options.setdefault("fast_path", True)  # the fast path's session and statements are under test
-        engine = create_engine(postgres_url, **options)
+        engine = create_engine(private_postgres_url, **options)
         made.append(engine)
         return engine
 
@@ -916,17 +915,14 @@ class TestPool:
 
 class TestSQLite:
     @pytest.fixture
-    async def sqlite_engine(self, sqlite_url: str) -> AsyncIterator[AsyncEngine]:
-        engine = create_engine(sqlite_url, pool_size=2, max_overflow=0, fast_path=True)
+    async def sqlite_engine(self, private_sqlite_url: str) -> AsyncIterator[AsyncEngine]:
+        engine = create_engine(private_sqlite_url, pool_size=2, max_overflow=0, fast_path=True)
         yield engine
         await engine.dispose()
 
     @pytest.fixture
-    async def sqlite_rows(self, sqlite_engine: AsyncEngine) -> AsyncIterator[Rows]:
-        made = Rows()
-        yield made
-        async with sqlite_engine.begin() as connection:
-            await connection.execute(delete(ItemRow).where(ItemRow.id.in_(made.ids)))
+    def sqlite_rows(self) -> Rows:
+        return Rows()
 
     @staticmethod
     async def committed(engine: AsyncEngine, rows: Rows) -> set[uuid.UUID]:

@@ -34,7 +34,7 @@ from core.edge.idempotency import (
     fingerprint,
     run_once,
 )
-from tests.conftest import migrated
+from tests.support.db import migrated
 
 SCOPE = "billing.payments"
 FP = fingerprint("POST", "/api/v1/invoices/1/payments", b'{"payment_token": "tok_1"}')

@@ -2,7 +2,9 @@
 
 Every test runs twice (the ``session`` fixture is parametrized over both databases) inside a
 transaction that is rolled back afterwards. Names carry a per-test prefix and every listing
-filters by it, so rows other suites may leave in the shared databases can never match.
+filters by it, so rows other suites may leave in the shared databases can never match. The
+concurrent-update test commits from several sessions, so it runs on a PostgreSQL database of its
+own, dropped afterwards.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from sqlalchemy import delete, event, select
+from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.cache.read_through import ReadThroughCache
@@ -231,11 +233,12 @@ class TestConcurrentUpdate:
 
     Regression: ``update`` once read the row without a lock, so the later of two concurrent price
     changes reported the price before the first one as ``old_price`` and wrote the same version.
+    The transactions commit for real, so the test has a database of its own (isolation by database).
     """
 
     @pytest.fixture
-    async def sessions(self, postgres_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-        engine = create_engine(postgres_url)
+    async def sessions(self, private_postgres_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+        engine = create_engine(private_postgres_url)
         yield session_factory(engine)
         await engine.dispose()
 
@@ -267,10 +270,6 @@ class TestConcurrentUpdate:
                 )
             ).all()
             events = [payload for _, payload in rows if payload["item_id"] == str(item.id)]
-            await check.execute(delete(OutboxMessage).where(OutboxMessage.id.in_([i for i, p in rows
-                                                                                   if p in events])))
-            await check.execute(delete(ItemRow).where(ItemRow.id == item.id))
-            await check.commit()
         assert final is not None
         assert final.price == 300
         assert [(e["old_price"], e["new_price"]) for e in events] == [(100, 200), (200, 300)]

@@ -1,23 +1,24 @@
 """The outbox, the inbox and the relay behave the same on SQLite and on PostgreSQL.
 
 Writing (``Outbox``) and claiming (``Inbox``) run in the rollback-isolated ``session`` fixture. The
-relay opens its own sessions, so its tests use committed data in a private migrated database per
-backend (emptied before each test) through a production-configured ``async_sessionmaker``.
+relay opens its own sessions, so its tests use committed data through a production-configured
+``async_sessionmaker``, each on a migrated database of its own per backend (a fresh SQLite file, a
+fresh PostgreSQL database), deleted or dropped afterwards: nothing is ever cleaned up by deleting
+rows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from dramatiq import Message
 from pydantic import BaseModel
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from core.db.engine import create_engine
@@ -25,7 +26,6 @@ from core.db.session import UnitOfWork, commit, rollback, session_factory
 from core.messaging.events import IntegrationEvent
 from core.messaging.outbox import EVENT, JOB, Inbox, InboxMessage, Outbox, OutboxMessage, OutboxRelay
 from core.observability.context import request_id_var
-from tests.conftest import migrated
 
 
 class Happened(IntegrationEvent):
@@ -203,7 +203,14 @@ class TestFixtureCommit:
     """What ``commit(session)`` does inside the rollback-isolated ``session`` fixture: it releases
     the session's savepoint and runs the hooks, but nothing reaches the database for good (on
     SQLite this needs ``core.db.session.create_engine``'s explicit BEGIN; pysqlite's own handling made the
-    savepoint the outermost transaction, so its RELEASE committed to the shared file)."""
+    savepoint the outermost transaction, so its RELEASE committed to the shared file).
+
+    The ``session`` fixture runs here on a database of the test's own, so a leak fails the test
+    without leaving a row in a database other tests share."""
+
+    @pytest.fixture(params=["sqlite", "postgres"])
+    def database_url(self, request: pytest.FixtureRequest) -> str:
+        return request.getfixturevalue(f"private_{request.param}_url")
 
     async def test_a_commit_stays_inside_the_outer_transaction(
         self, session: AsyncSession, outbox: Outbox, notify: Notify, database_url: str
@@ -219,9 +226,6 @@ class TestFixtureCommit:
                 seen = await connection.scalar(
                     select(func.count()).select_from(OutboxMessage).where(OutboxMessage.id == event.event_id)
                 )
-                if seen:  # leaked: clean the shared database before failing
-                    await connection.execute(delete(OutboxMessage).where(OutboxMessage.id == event.event_id))
-                    await connection.commit()
         finally:
             await other.dispose()
         assert seen == 0
@@ -260,31 +264,20 @@ class TestInboxClaim:
         assert rows[0].processed_at.utcoffset() == timedelta(0)
 
 
-# --- committed data: a private migrated database per backend -----------------------------------
+# --- committed data: a migrated database of each test's own, per backend ------------------------
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-async def relay_database(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    pg_database_factory: Callable[[], Awaitable[str]],
-) -> tuple[str, str]:
-    if request.param == "sqlite":
-        path: Path = tmp_path_factory.mktemp("outbox-relay") / "relay.db"
-        return "sqlite", await migrated(f"sqlite+aiosqlite:///{path}")
-    return "postgres", await migrated(await pg_database_factory())
+@pytest.fixture(params=["sqlite", "postgres"])
+def relay_database(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(backend, url) of a fresh migrated database, dropped after the test: isolation by database."""
+    return request.param, request.getfixturevalue(f"private_{request.param}_url")
 
 
 @pytest.fixture
 async def sessions(relay_database: tuple[str, str]) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    """Sessions configured as in production, on an emptied outbox and inbox."""
+    """Sessions configured as in production, on an empty outbox and inbox of the test's own."""
     engine = create_engine(relay_database[1], pool_size=5)
-    factory = session_factory(engine)
-    async with factory() as session:
-        await session.execute(delete(OutboxMessage))
-        await session.execute(delete(InboxMessage))
-        await session.commit()
-    yield factory
+    yield session_factory(engine)
     await engine.dispose()
 
 

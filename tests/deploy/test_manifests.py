@@ -24,7 +24,7 @@ import yaml
 
 from config import ConfigError, Settings
 from main import _parser, create_app
-from tests.conftest import make_settings
+from tests.support.settings import make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

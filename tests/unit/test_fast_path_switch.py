@@ -15,7 +15,7 @@ from core import fastpath
 from core.edge.provided import Provided
 from core.edge.routes import TransactionalRoute, check_provided
 from core.module import ModuleError
-from tests.conftest import make_settings
+from tests.support.settings import make_settings
 
 
 class TestPieces:
@@ -45,7 +45,7 @@ def _imported_fastpath_modules(mode: str) -> list[str]:
     """The ``core.fastpath`` submodules a fresh process imports to build the app in ``mode``."""
     code = (
         "import sys, main\n"
-        "from tests.conftest import make_settings\n"
+        "from tests.support.settings import make_settings\n"
         f"main.create_app(make_settings(fast_path={mode!r}))\n"
         "print(','.join(sorted(m for m in sys.modules if m.startswith('core.fastpath.'))))\n"
     )

@@ -28,7 +28,7 @@ from core.db.session import UnitOfWork, session_factory
 from core.messaging.outbox import Inbox, Outbox, OutboxRelay
 from core.messaging.queue import JobContext, JobRunner, LoopBridge, stub_broker, task
 from core.observability import metrics
-from tests.conftest import migrated
+from tests.support.db import migrated
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -348,14 +348,25 @@ class TestDbPoolMetrics:
     ) -> None:
         registry = metrics.new_registry()
         engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'pool.db'}")
-        metrics.DbPoolMetrics(engine, registry)
+        metrics.DbPoolMetrics(engine, registry, limit=5 + 10)  # as configured: size + overflow
         try:
             assert sample(registry, "atrium_db_pool_connections", state="in_use") == 0
             async with engine.connect(), engine.connect():
                 assert sample(registry, "atrium_db_pool_connections", state="in_use") == 2
             assert sample(registry, "atrium_db_pool_connections", state="in_use") == 0
             assert sample(registry, "atrium_db_pool_connections", state="idle") == 2
-            assert registry.get_sample_value("atrium_db_pool_max_connections") == 5 + 10  # SQLAlchemy's
+            assert registry.get_sample_value("atrium_db_pool_max_connections") == 5 + 10
+        finally:
+            await engine.dispose()
+
+    async def test_without_a_configured_limit_the_limit_is_the_pool_size(self, tmp_path: Path) -> None:
+        registry = metrics.new_registry()
+        engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'pool.db'}")
+        metrics.DbPoolMetrics(engine, registry)
+        try:
+            async with engine.connect():
+                pass
+            assert registry.get_sample_value("atrium_db_pool_max_connections") == 5  # SQLAlchemy's size
         finally:
             await engine.dispose()
 
@@ -502,7 +513,7 @@ class TestServeMetrics:
 class TestSettings:
     def test_defaults_and_bounds(self) -> None:
         from config import ConfigError, load_settings
-        from tests.conftest import make_settings
+        from tests.support.settings import make_settings
 
         settings = make_settings()
         assert (settings.worker_metrics_host, settings.worker_metrics_port) == ("127.0.0.1", 9191)

@@ -19,7 +19,7 @@ import modules
 from containers import build_container
 from core.messaging.queue import JobContext, Task, task
 from core.module import Module, ModuleError, import_module, load_modules
-from tests.conftest import make_settings
+from tests.support.settings import make_settings
 
 HEADER = """\
 from dependency_injector import containers, providers

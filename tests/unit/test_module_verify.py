@@ -19,7 +19,7 @@ import pytest
 
 from containers import build_container
 from core.module import load_modules
-from tests.conftest import make_settings
+from tests.support.settings import make_settings
 from tooling.verify import Violation, discover, verify
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,7 +23,8 @@ from core.messaging.outbox import Outbox, OutboxMessage
 from core.module import ModuleError, load_modules, select_modules
 from modules.billing.public import PaymentSucceeded
 from modules.users.public import UserRegistered
-from tests.conftest import make_settings, migrated
+from tests.support.db import migrated
+from tests.support.settings import make_settings
 
 NS = make_settings().broker_namespace
 

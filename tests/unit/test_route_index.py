@@ -35,7 +35,7 @@ from starlette.websockets import WebSocketDisconnect
 import main
 from core.edge.routes import TransactionalRoute, add_routes
 from core.fastpath.route_index import RouteIndex, install_route_index
-from tests.conftest import make_settings
+from tests.support.settings import make_settings
 
 with warnings.catch_warnings():
     # Starlette's TestClient (the one client that speaks websockets) warns on import that it wants

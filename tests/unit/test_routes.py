@@ -25,7 +25,7 @@ from core.edge.health import router as health_router
 from core.edge.provided import Provided
 from core.edge.routes import TransactionalRoute, add_routes
 from core.module import select_modules
-from tests.conftest import make_settings
+from tests.support.settings import make_settings
 
 # --- the app's own route table ------------------------------------------------------------------------
 
