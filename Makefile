@@ -40,5 +40,5 @@ scale-out: bootstrap services
 
 clean:
 	rm -rf .venv var build dist *.egg-info
-	rm -rf .pytest_cache .ruff_cache .hypothesis .import_linter_cache
+	rm -rf .pytest_cache .ruff_cache .hypothesis .import_linter_cache .mypy_cache
 	find . \( -path ./.git -o -path './.venv*' \) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

@@ -16,7 +16,7 @@ from tooling.scaffold import check_name, entity_of, new_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = {".venv", ".git", "var", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis",
-        ".import_linter_cache", "build", "dist"}
+        ".import_linter_cache", ".mypy_cache", "build", "dist"}
 
 
 class TestNames:
