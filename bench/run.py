@@ -11,9 +11,9 @@ for the memory run), one baseline server and their logs. Every row reports the C
 (the whole process tree: uvicorn's master and workers) spent per request. The issue's targets are
 printed as PASS/FAIL for each mode.
 
-    python bench/run.py            # on and off, 3 rounds x 10 s per target + memory runs (~12 minutes)
-    python bench/run.py --quick    # smoke: 1 round x 2 s per target, memory runs scaled down (~2 minutes)
-    python bench/run.py --pieces   # each piece left off in turn vs all on and all off (~12 minutes)
+    python bench/run.py            # on and off, 3 rounds x 10 s per target + memory runs (~13 minutes)
+    python bench/run.py --quick    # smoke: 1 round x 2 s per target, memory runs scaled down (~3 minutes)
+    python bench/run.py --pieces   # each piece left off in turn vs all on and all off (~14 minutes)
     python bench/run.py --pieces --quick
 
 See bench/README.md for what each row measures and how to read the ratios.
@@ -68,6 +68,12 @@ ADMIN_EMAIL = "bench-admin@example.com"
 PIECES = ("handler", "route_index", "transactions", "pool", "redis")
 MODES = ("on", "off", "auto")
 PIECE_BAR_PCT = 5.0  # a piece that buys less than this on every row goes (issue 14, item 8)
+ROW_NAMES = {"warm": "warm GET", "cold": "cold GET", "post": "POST"}  # the rows of --pieces
+
+
+# UUIDs and request ids, so a log message repeated for many requests counts as one.
+_BACKGROUND = re.compile(r"\(Background on this error at: [^)]*\)?")  # SQLAlchemy's link
+_IDS = re.compile(r"\b[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\b|\b[0-9a-f]{32}\b")
 
 
 class BenchError(Exception):
@@ -135,9 +141,12 @@ def pg_execute(sql: str, database: str = "postgres", wait: float = 60.0) -> Any:
             try:
                 conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=database)
                 break
-            except asyncpg.TooManyConnectionsError:
+            except asyncpg.TooManyConnectionsError as exc:
                 if time.monotonic() >= deadline:
-                    raise
+                    raise BenchError(
+                        f"PostgreSQL on {PG_HOST}:{PG_PORT} had no free connection for {wait:g} s ({exc}); "
+                        "wait for its other users, or point BENCH_PG_HOST/BENCH_PG_PORT at another server"
+                    ) from None
                 await asyncio.sleep(1.0)
         try:
             return await conn.fetchval(sql)
@@ -963,13 +972,16 @@ class Bench:
 
         Each one-worker product server keeps up to its pool size (20) of connections open once a
         run has used them, and a run has a dozen servers or more: together more than PostgreSQL's
-        default ``max_connections`` (100). Before each run the idle ones are terminated
-        (``pg_terminate_backend``) and their end waited for, so only the server under load holds
-        connections; the product's pools replace a closed connection on checkout (pre-ping), and
-        the run's unmeasured priming burst reopens them. The baseline's asyncpg pool (no pre-ping:
-        a terminated connection would fail a request) is left alone."""
+        default ``max_connections`` (100). Before each run the connections idle for over a second
+        are terminated (``pg_terminate_backend``) and their end waited for, so at most the server
+        under load and the one before it hold connections (a connection used a moment ago may
+        belong to a request still finishing after wrk hung up: it is left alone). The product's
+        pools replace a closed connection on checkout (pre-ping), and the run's unmeasured priming
+        burst reopens them. The baseline's asyncpg pool (no pre-ping: a terminated connection would
+        fail a request) is left alone."""
         where = (f"datname = '{self.database}' AND state = 'idle' AND pid <> pg_backend_pid() "
-                 f"AND application_name <> '{BASELINE_APPLICATION}'")
+                 f"AND application_name <> '{BASELINE_APPLICATION}' "
+                 "AND state_change < now() - interval '1 second'")
         closed = int(pg_execute(
             f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {where}"))
         deadline = time.monotonic() + 5.0
@@ -995,8 +1007,13 @@ class Bench:
                         if level not in ("WARNING", "ERROR", "CRITICAL"):
                             continue
                         message = f"{level} {record.get('logger', '?')}: {str(record.get('msg', ''))[:160]}"
+                        error = str(record.get("exception") or "").strip().splitlines()
+                        causes = [e for e in error if re.match(r"^[\w.]+(Error|Exception|Warning)\b", e)]
+                        if causes:  # the first exception line, e.g. asyncpg's own error under SQLAlchemy's
+                            message += f" ({causes[0][:160]})"
                     except (ValueError, AttributeError):
                         message = line.strip()[:180]
+                    message = " ".join(_IDS.sub("<id>", _BACKGROUND.sub("", message)).split())
                     counts[message] = counts.get(message, 0) + 1
             if counts:
                 found[proc.name] = counts
@@ -1245,14 +1262,14 @@ class Bench:
         pieces = []
         for piece in c.pieces:
             per_row = gains("on", f"skip-{piece}")
-            best = [(kind, what, g[f"{what}_gain_pct" if what == "rps" else "cpu_saved_pct"])
-                    for kind, g in per_row.items() for what in ("rps", "cpu")]
-            over = [(kind, what, value) for kind, what, value in best
-                    if value is not None and value >= PIECE_BAR_PCT]
+            over: dict[str, list[str]] = {}  # row -> the measures on which the piece clears the bar
+            for kind, g in per_row.items():
+                for label, value in (("req/s", g["rps_gain_pct"]), ("CPU/req", g["cpu_saved_pct"])):
+                    if value is not None and value >= PIECE_BAR_PCT:
+                        over.setdefault(kind, []).append(f"{label} {value:+.1f} %")
+            where = "; ".join(f"{ROW_NAMES.get(k, k)} ({', '.join(items)})" for k, items in over.items())
             pieces.append({"piece": piece, "rows": per_row, "keeps": bool(over),
-                           "verdict": (f"buys >= {PIECE_BAR_PCT:g} % on " + ", ".join(
-                               f"{kind} ({'req/s' if what == 'rps' else 'CPU/req'} {value:+.1f} %)"
-                               for kind, what, value in over)) if over
+                           "verdict": f">= {PIECE_BAR_PCT:g} % on {where}" if over
                            else f"< {PIECE_BAR_PCT:g} % on every row"})
         return {
             "benchmark": "fast path pieces: GET and POST /api/v1/items",
@@ -1403,7 +1420,8 @@ def _footer(result: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     checks = result.get("cache_lookups_during_rounds") or {}
     if checks:
-        lines += ["", "Cache lookups during the measured rounds (product `/metrics`): " + "; ".join(
+        lines += ["", "Cache lookups during the rounds, priming bursts included (product `/metrics`): "
+                  + "; ".join(
             f"{key}: " + (", ".join(f"{k} {v:,.0f}" for k, v in sorted(vals.items()) if v) or "none")
             for key, vals in checks.items())]
     warnings = result.get("server_warnings") or {}
@@ -1512,7 +1530,7 @@ def markdown_modes(result: dict[str, Any]) -> str:
 def markdown_pieces(result: dict[str, Any]) -> str:
     s = result["settings"]
     kinds = list(result["whole_fast_path"])
-    names = {"warm": "warm GET", "cold": "cold GET", "post": "POST"}
+    names = ROW_NAMES
     lines = [
         f"## Fast path pieces: what each buys on GET and POST /api/v1/items ({result['mode']} run)",
         "",
@@ -1597,16 +1615,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BenchError as exc:
             print(f"bench: error: {exc}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
-            print("bench: interrupted", file=sys.stderr)
+        except KeyboardInterrupt as exc:
+            print(f"bench: interrupted{f' ({exc})' if str(exc) else ''}", file=sys.stderr)
             return 130
         finally:
-            # A second Ctrl-C must not leave a database or servers behind; cleanup is bounded.
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # A second Ctrl-C (or SIGTERM, SIGHUP) must not leave a database or servers behind;
+            # cleanup is bounded.
+            stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stops}
             try:
                 bench.cleanup()
             finally:
-                signal.signal(signal.SIGINT, previous)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
     text = markdown(result)
     config.output.parent.mkdir(parents=True, exist_ok=True)
     config.output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
