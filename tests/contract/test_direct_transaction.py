@@ -24,7 +24,20 @@ from typing import Any, TypeVar
 
 import asyncpg
 import pytest
-from sqlalchemy import Column, ForeignKey, Integer, MetaData, Table, Uuid, event, func, select, text
+from sqlalchemy import (
+    Column,
+    ForeignKey,
+    Integer,
+    MetaData,
+    Table,
+    Uuid,
+    bindparam,
+    event,
+    func,
+    literal_column,
+    select,
+    text,
+)
 from sqlalchemy import insert as insert_into
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
@@ -34,7 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from core.db.base import new_id, utcnow
 from core.db.engine import create_engine
 from core.db.session import UnitOfWork, commit, on_commit, session_factory
-from core.db.statements import DirectWrite
+from core.db.statements import DirectRead, DirectWrite
 from core.fastpath.transactions import AtriumSession
 from modules.items.domain import Item, name_key
 from modules.items.models import ItemRow
@@ -908,6 +921,37 @@ class TestPool:
         await holder.commit()
         assert checked_out(engine) == 0
         assert await peer.committed(rows) == {held.id}
+
+
+class TestDirectRead:
+    async def test_a_read_cancelled_midway_never_puts_its_connection_back_in_use(
+        self, make_engine: Callable[..., AsyncEngine]
+    ) -> None:
+        # A client gone mid-request cancels the read while asyncpg waits for the reply: that
+        # connection, with its operation still open, must not serve the next read.
+        engine = make_engine(pool_size=1)
+        slow = DirectRead(select(func.pg_sleep(bindparam("seconds")).label("slept")))
+        quick = DirectRead(select(literal_column("1").label("one")))
+        reading = asyncio.create_task(slow.one(engine, seconds=5))
+        await asyncio.sleep(0.3)
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+
+        row = await guarded(quick.one(engine))
+
+        assert row is not None
+        assert row["one"] == 1
+        assert checked_out(engine) == 0
+
+    async def test_a_read_returns_the_row_as_a_mapping_or_none(
+        self, make_engine: Callable[..., AsyncEngine]
+    ) -> None:
+        engine = make_engine()
+        read = DirectRead(select(literal_column("2").label("two")).where(bindparam("found")))
+
+        assert (await read.one(engine, found=True))["two"] == 2  # type: ignore[index]
+        assert await read.one(engine, found=False) is None
 
 
 # --- SQLite: the session path -------------------------------------------------------------------
