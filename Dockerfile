@@ -5,27 +5,34 @@
 #   docker run IMAGE worker                    # background worker
 #   docker run IMAGE migrate                   # database migrations
 
-########## builder: install atrium and its dependencies into /opt/venv ##########
+########## builder: install atrium and its locked dependencies into /opt/venv ##########
+# The Python here must be one uv.lock resolves for (requires-python >= 3.11 in pyproject.toml).
 FROM python:3.11-slim AS builder
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
-
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --upgrade pip
+    PYTHONDONTWRITEBYTECODE=1 \
+    UV_NO_CACHE=1 \
+    UV_LINK_MODE=copy \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_PROJECT_ENVIRONMENT=/opt/venv
 
 WORKDIR /src
 
-# Dependencies first, read from pyproject.toml, so editing the code reuses this layer.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && /opt/venv/bin/pip install -r /tmp/requirements.txt
+# uv, at the release pyproject.toml's [tool.uv] required-version pins, in a venv of its own
+# that stays in the builder.
+COPY pyproject.toml uv.lock ./
+RUN python -m venv /opt/uv \
+    && /opt/uv/bin/pip install "uv$(python -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['tool']['uv']['required-version'])")"
+
+# Dependencies first, exactly as uv.lock pins them (hashes checked; no dev extra), so editing
+# the code reuses this layer. --locked fails the build when uv.lock is stale.
+RUN python -m venv /opt/venv \
+    && /opt/uv/bin/uv sync --locked --no-install-project
 
 # Then the project itself (a regular, non-editable install; .dockerignore keeps tests out).
 COPY . .
-RUN /opt/venv/bin/pip install --no-deps . \
+RUN /opt/uv/bin/uv sync --locked --no-editable \
     && /opt/venv/bin/python -c "import main, containers, config, core, modules, migrations"
 
 ########## runtime: the venv only, as a non-root user ##########

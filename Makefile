@@ -1,12 +1,13 @@
 # Atrium developer entry points. `make run` serves the API on the embedded defaults (SQLite,
 # in-memory cache and queue); `make test` installs everything and runs the same checks as CI.
-# ATRIUM_VENV picks the virtualenv (default .venv); every target bootstraps it first.
+# ATRIUM_VENV picks the virtualenv (default .venv); every target bootstraps it first, from
+# uv.lock (docs/dependencies.md: lock, lowest, canary).
 
 SHELL := /bin/bash
 VENV ?= $(or $(ATRIUM_VENV),.venv)
 export ATRIUM_VENV := $(VENV)
 
-.PHONY: run test lint migrate worker bench clean bootstrap services scale-out
+.PHONY: run test lint migrate worker bench clean bootstrap services scale-out lock lowest canary
 
 run:
 	scripts/serve
@@ -19,6 +20,18 @@ bootstrap:
 
 services:
 	scripts/services
+
+# Re-resolve uv.lock after editing pyproject.toml's dependencies: make lock ARGS='--upgrade-package fastapi'
+lock:
+	scripts/lock $(ARGS)
+
+# Every test on the lowest release each range in pyproject.toml allows (a throwaway venv).
+lowest:
+	scripts/lowest $(ARGS)
+
+# The suites on the newest releases, uv.lock ignored (a throwaway venv); reports what broke.
+canary:
+	scripts/canary $(ARGS)
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .

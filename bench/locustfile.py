@@ -1,6 +1,6 @@
 """Locust load test of Atrium's main user journeys (against ``deploy/scale-out`` or any deploy).
 
-    .venv/bin/pip install -e '.[load]'
+    ATRIUM_EXTRAS="dev load" make bootstrap
     deploy/scale-out --port 8088 &                       # creates a few items; wait for "ready"
     .venv/bin/locust -f bench/locustfile.py --headless -u 20 -r 5 -t 30s --host http://127.0.0.1:8088
 

@@ -295,7 +295,9 @@ def test_a_second_admin_with_the_same_email_is_a_clear_one_line_error(migrated_d
                     database_url=url)
 
     assert "Traceback" not in again.stderr
-    assert again.stderr.strip().splitlines() == ["atrium: An account with this email already exists."]
+    # On library versions the fast path was not verified on, start-up's one warning says so first.
+    lines = [line for line in again.stderr.strip().splitlines() if "fast path off:" not in line]
+    assert lines == ["atrium: An account with this email already exists."]
     assert again.returncode == 2
 
 
