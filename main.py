@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_metrics(app, container.metrics_registry(), pool=container.pool_metrics())
     app.add_middleware(RequestContextMiddleware)
     if container.fast_path():
-        # The lean handler and the route index (core/fastpath/README.md).
+        # The lean request handler (core/fastpath/README.md).
         fastpath.install(app.router, container.fast_path())
     return app
 

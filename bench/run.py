@@ -65,7 +65,7 @@ ADMIN_EMAIL = "bench-admin@example.com"
 
 # The fast path's pieces (core.fastpath.PIECES; checked against the product at start-up) and the
 # modes ATRIUM_FAST_PATH takes.
-PIECES = ("handler", "route_index", "transactions", "pool", "redis")
+PIECES = ("handler", "transactions", "pool", "redis")
 MODES = ("on", "off", "auto")
 PIECE_BAR_PCT = 5.0  # a piece that buys less than this on every row goes (issue 14, item 8)
 ROW_NAMES = {"warm": "warm GET", "cold": "cold GET", "post": "POST"}  # the rows of --pieces

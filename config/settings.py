@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     # The fast path (core/fastpath/README.md): auto = on where the installed library versions are the
     # verified ones, on = always (trying a new release), off = stock FastAPI, SQLAlchemy and redis-py.
     fast_path: Literal["auto", "on", "off"] = "auto"
-    # Pieces of the fast path left off while it is on (handler, route_index, transactions, pool,
+    # Pieces of the fast path left off while it is on (handler, transactions, pool,
     # redis): for measuring each piece alone (bench/run.py --pieces).
     fast_path_skip: Annotated[tuple[str, ...], NoDecode] = ()
 
@@ -240,7 +240,7 @@ class Settings(BaseSettings):
     @field_validator("fast_path_skip", mode="after")
     @classmethod
     def _check_fast_path_skip(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        known = ("handler", "route_index", "transactions", "pool", "redis")  # core.fastpath.PIECES
+        known = ("handler", "transactions", "pool", "redis")  # core.fastpath.PIECES
         unknown = [name for name in value if name not in known]
         if unknown:
             raise ConfigError(f"ATRIUM_FAST_PATH_SKIP: unknown piece(s) {', '.join(unknown)}; "

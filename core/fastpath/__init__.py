@@ -53,7 +53,7 @@ def unverified() -> dict[str, str]:
 
 
 # The pieces, each measured alone on the benchmark (README.md beside this file).
-PIECES = ("handler", "route_index", "transactions", "pool", "redis")
+PIECES = ("handler", "transactions", "pool", "redis")
 
 _warned: set[tuple[tuple[str, str], ...]] = set()
 
@@ -87,12 +87,8 @@ def pieces(mode: Mode, skip: tuple[str, ...] = ()) -> frozenset[str]:
 
 def install(router: APIRouter, enabled: frozenset[str]) -> None:
     """The fast path's edge on an app's router: the lean handler on every route that offers an
-    ``around`` wrapper (``core.edge.routes.TransactionalRoute``), then the route index."""
+    ``around`` wrapper (``core.edge.routes.TransactionalRoute``)."""
     if "handler" in enabled:
         from core.fastpath.handler import install_lean_handlers
 
         install_lean_handlers(router)
-    if "route_index" in enabled:
-        from core.fastpath.route_index import install_route_index
-
-        install_route_index(router)
