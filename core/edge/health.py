@@ -10,10 +10,11 @@ from fastapi import APIRouter, Request
 from loguru import logger
 
 from core.edge.error_handlers import error_response
+from core.edge.routes import FlatRoute
 
 Check = Callable[[], Awaitable[None]]
 
-router = APIRouter(prefix="/health", tags=["health"])
+router = APIRouter(prefix="/health", tags=["health"], route_class=FlatRoute)
 
 
 @router.get("/live")

@@ -12,6 +12,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.routing import APIRoute
 from loguru import logger
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.routing import Match
+from starlette.types import Scope
 
 from core.db.engine import database_unavailable
 from core.db.session import commit, rollback
@@ -48,6 +50,40 @@ def add_routes(target: APIRouter, source: APIRouter, prefix: str = "") -> None:
         assert isinstance(route, APIRoute)
         options = {name: getattr(route, name) for name in _ROUTE_OPTIONS}
         target.add_api_route(prefix + route.path, route.endpoint, route_class_override=type(route), **options)
+        added = target.routes[-1]
+        if isinstance(added, FlatRoute):
+            added.table = target
+
+
+class FlatRoute(APIRoute):
+    """A route of a flat table (``add_routes``): rules a path out by its literal part first.
+
+    A router tries its routes in turn, each with FastAPI's route-context lookup and its regex; in
+    the flat table most routes are ruled out by a string comparison instead (about 7 % of a cached
+    read, bench/README.md). The answer is the same: the regex is anchored at the path's literal
+    part (up to its first parameter). The shortcut is taken only when the request is dispatched by
+    the table the route was added to (``add_routes`` sets ``table``): reached any other way (an
+    included router, whose prefix the route's path lacks; a mounting app) the route checks in full.
+    """
+
+    table: APIRouter | None = None
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        literal = self.path.partition("{")[0]
+        self._literal, self._exact = literal, literal == self.path
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] == "http" and self.table is not None and scope.get("router") is self.table:
+            path: str = scope["path"]
+            root: str = scope.get("root_path", "")
+            # The path a route matches is ``path``, or what follows ``root_path`` in it.
+            if not self._fits(path) and not (root and path.startswith(root) and self._fits(path[len(root):])):
+                return Match.NONE, {}
+        return super().matches(scope)
+
+    def _fits(self, path: str) -> bool:
+        return path == self._literal if self._exact else path.startswith(self._literal)
 
 
 _SESSION = "atrium.db_session"  # kept in the ASGI scope: one per request
@@ -164,7 +200,7 @@ def _transactional(handler: Handler) -> Handler:
     return run
 
 
-class TransactionalRoute(APIRoute):
+class TransactionalRoute(FlatRoute):
     """Commits the request's session after the endpoint succeeds and before the response is sent.
 
     The one commit of a request lives here; a 4xx/5xx response or an exception rolls back. Its

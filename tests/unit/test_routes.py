@@ -23,7 +23,7 @@ from starlette.types import Message, Scope
 import main
 from core.edge.health import router as health_router
 from core.edge.provided import Provided
-from core.edge.routes import TransactionalRoute, add_routes
+from core.edge.routes import FlatRoute, TransactionalRoute, add_routes
 from core.module import select_modules
 from tests.support.settings import make_settings
 
@@ -427,7 +427,7 @@ async def test_the_lifespan_of_a_flattened_router_still_runs() -> None:
     assert events == ["started", "stopped"]
 
 
-# --- matching: a string comparison first, the same answers ----------------------------------------
+# --- matching: a string comparison first (FlatRoute), the same answers ---------------------------
 
 
 _PATHS = [
@@ -438,15 +438,73 @@ _PATHS = [
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "PATCH", "DELETE"])
-@pytest.mark.parametrize("root_path", ["", "/atrium"])
-def test_transactional_routes_match_as_fastapi_routes_do(
-    flat_and_nested: tuple[FastAPI, FastAPI], method: str, root_path: str
+@pytest.mark.parametrize(("root_path", "in_path"), [("", True), ("/atrium", True), ("/atrium", False),
+                                                    ("/api", True), ("/api/v1/items", True)])
+@pytest.mark.parametrize("dispatched_by", ["own table", "another router", "none"])
+def test_flat_routes_match_as_fastapi_routes_do(
+    flat_and_nested: tuple[FastAPI, FastAPI], method: str, root_path: str, in_path: bool, dispatched_by: str
 ) -> None:
     app, _ = flat_and_nested
-    routes = [r for r in app.router.routes if isinstance(r, TransactionalRoute)]
+    routes = [r for r in app.router.routes if isinstance(r, FlatRoute)]
     assert len(routes) > 10
+    assert any(not isinstance(r, TransactionalRoute) for r in routes)  # the health routes are flat too
+    router = {"own table": app.router, "another router": APIRouter(), "none": None}[dispatched_by]
     for path, route in itertools.product(_PATHS, routes):
-        scope = {"type": "http", "method": method, "path": root_path + path, "root_path": root_path}
+        scope = {"type": "http", "method": method, "path": (root_path if in_path else "") + path,
+                 "root_path": root_path}
+        if router is not None:
+            scope["router"] = router
         fast, fast_scope = route.matches(dict(scope))
         full, full_scope = APIRoute.matches(route, dict(scope))
-        assert (fast, fast_scope) == (full, full_scope), (method, path, route.path)
+        assert (fast, fast_scope) == (full, full_scope), (method, scope["path"], route.path)
+
+
+def test_routes_of_its_own_table_are_ruled_out_without_the_full_check(
+    flat_and_nested: tuple[FastAPI, FastAPI], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, _ = flat_and_nested
+    full_checks: list[str] = []
+    original = APIRoute.matches
+
+    def counted(route: APIRoute, scope: Scope) -> Any:
+        full_checks.append(route.path)
+        return original(route, scope)
+
+    monkeypatch.setattr(APIRoute, "matches", counted)
+    path = "/api/v1/items/0197"
+    candidates = [r for r in app.router.routes if isinstance(r, FlatRoute)]
+
+    for route in candidates:
+        route.matches({"type": "http", "method": "GET", "path": path, "root_path": "", "router": app.router})
+    literal_fits = [r.path for r in candidates
+                    if r.path == path or ("{" in r.path and path.startswith(r.path.partition("{")[0]))]
+    assert full_checks == literal_fits
+    assert "/api/v1/items/{item_id}" in full_checks
+    assert "/health/live" not in full_checks
+
+    full_checks.clear()
+    for route in candidates:  # the same routes, reached through another router: every one in full
+        route.matches({"type": "http", "method": "GET", "path": path, "root_path": "", "router": APIRouter()})
+    assert full_checks == [r.path for r in candidates]
+
+
+async def note_by_id(note_id: int) -> dict[str, int]:
+    return {"note_id": note_id}
+
+
+async def test_a_flat_route_still_answers_through_an_included_router_and_a_mount() -> None:
+    """A router of flat routes added to one app, then included under a prefix and mounted in
+    another: the routes there check in full, so they still answer."""
+    inner = APIRouter(route_class=TransactionalRoute)
+    inner.add_api_route("/notes/{note_id}", note_by_id, methods=["GET"])
+    table = FastAPI()
+    add_routes(table.router, inner, prefix="/v1")
+    outer = FastAPI()
+    outer.include_router(table.router, prefix="/api")
+    outer.mount("/mounted", table)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=outer), base_url="http://t") as client:
+        assert (await client.get("/api/v1/notes/7")).json() == {"note_id": 7}
+        assert (await client.get("/mounted/v1/notes/7")).json() == {"note_id": 7}
+        assert (await client.get("/api/v1/notes/x")).status_code == 422
+        assert (await client.get("/v1/notes/7")).status_code == 404
