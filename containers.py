@@ -68,6 +68,7 @@ def _pool_options(s: Settings) -> dict[str, Any]:
         "pool_pre_ping": s.database_pool_pre_ping,
         "echo": s.database_echo,
         "connect_timeout": s.database_connect_timeout,
+        "statement_timeout": s.database_statement_timeout,
         "ping_after": s.database_pool_ping_after,
     }
 
@@ -175,6 +176,10 @@ class Core(containers.DeclarativeContainer):
         ttl_seconds=settings.provided.access_token_ttl_seconds,
         issuer=settings.provided.token_issuer,
     )
+    # What a session may do now (core.security.AuthorityStore, read by core.edge.auth on every
+    # authenticated request): the module that owns accounts exports a provider named ``authority``
+    # and build_container points this one at it. None: every bearer token is refused.
+    authority = providers.Object(None)
 
     metrics_registry = providers.Singleton(metrics.new_registry)
     job_metrics = providers.Singleton(metrics.JobMetrics, metrics_registry)
@@ -255,8 +260,20 @@ def build_container(settings: Settings, modules: Sequence[Module] | None = None)
         if module.name in root.providers:
             raise ModuleError(f"module name {module.name!r} collides with the core provider of that name")
         root.set_provider(module.name, providers.Container(module.container, **_wire(root, module)))
+    _use_module_authority(root, mods)
     root.check_dependencies()
     return root
+
+
+def _use_module_authority(root: Core, modules: Sequence[Module]) -> None:
+    """Point ``authority`` at the one module that exports a provider of that name (users)."""
+    owners = [m.name for m in modules if (p := m.container.providers.get("authority")) is not None
+              and not isinstance(p, providers.Dependency)]
+    if len(owners) > 1:
+        raise ModuleError(f"modules {', '.join(owners)} each provide 'authority': only one module may "
+                          "own the accounts")
+    if owners:
+        root.authority.override(getattr(root, owners[0]).authority)
 
 
 def _wire(root: Any, module: Module) -> dict[str, providers.Provider[Any]]:

@@ -25,16 +25,19 @@ from sqlalchemy.exc import SQLAlchemyError
 from config import ConfigError, Settings, load_settings
 from containers import build_container
 from core import fastpath
+from core.edge.body_limit import BodyLimitMiddleware
 from core.edge.error_handlers import ErrorMiddleware, install_error_handlers
 from core.edge.errors import AppError
 from core.edge.health import router as health_router
 from core.edge.middleware import RequestContextMiddleware
 from core.edge.routes import add_routes, check_provided
+from core.messaging.outbox import OutboxMessage
 from core.messaging.queue import ping_broker
 from core.module import Module, ModuleError, load_modules, select_modules
 from core.observability.access_log import access_log
 from core.observability.logging import configure_logging
 from core.observability.metrics import disable_multiprocess, install_metrics, prepare_serve, serve_metrics
+from core.preflight import NotReady, check_broker, check_database
 from core.ratelimit.limiter import RateLimitMiddleware
 
 API_PREFIX = "/api/v1"
@@ -73,8 +76,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             add_routes(app.router, module.router, prefix=API_PREFIX)
     check_provided(app.router, container)  # a Provided("...") typo fails here, not on a request
 
-    # Added innermost first: RequestContext -> metrics -> ErrorMiddleware -> RateLimit -> routes
-    # (a 429 carries the request id and is counted like any other response).
+    # Added innermost first: RequestContext -> metrics -> ErrorMiddleware -> RateLimit -> BodyLimit
+    # -> routes (a 429 or a 413 carries the request id and is counted like any other response).
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RateLimitMiddleware, limits=container.rate_limits())
     app.add_middleware(ErrorMiddleware)
     install_metrics(app, container.metrics_registry(), pool=container.pool_metrics())
@@ -97,6 +101,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.sessions = container.sessions()
     app.state.read_sessions = container.read_sessions()  # core.edge.routes.ReadSession; or the primary
     app.state.tokens = container.tokens()
+    app.state.authority = container.authority()  # core.edge.auth: what a session may do now
+    if app.state.authority is None:
+        logger.warning("no enabled module provides 'authority' (the accounts): every bearer token "
+                       "is refused")
     cache, broker, jobs, relay = container.cache(), container.broker(), container.jobs(), container.relay()
     engine = container.engine()
 
@@ -163,6 +171,12 @@ def run_worker(settings: Settings, threads: int | None = None) -> None:
     modules = load_modules(settings.modules)
     container = build_container(settings, modules)  # every enabled module: providers, outbox routes
     running = select_modules(modules, settings.worker_modules, "ATRIUM_WORKER_MODULES")
+    # Both servers answer, and the schema is there, before any thread starts: else the relay and
+    # the consumers log a failure per retry, forever.
+    asyncio.run(check_database(settings.database_url, settings.database_connect_timeout,
+                               table=OutboxMessage.__tablename__))
+    if settings.broker_backend != "stub":
+        check_broker(settings.broker_backend, settings.broker_url, settings.health_timeout)
     bridge = container.bridge()
     bridge.start_thread()
     bridge.run(_init_resources(container))
@@ -234,11 +248,31 @@ async def _shutdown_resources(container: Any) -> None:
 async def create_admin(settings: Settings, email: str, password: str, full_name: str) -> Any:
     from core.db.session import UnitOfWork
 
+    await check_database(settings.database_url, settings.database_connect_timeout)
     container = build_container(settings)
     await _init_resources(container)
     try:
         async with UnitOfWork(container.sessions()) as session:
             return await container.users.service().create_admin(session, email, password, full_name)
+    finally:
+        await _shutdown_resources(container)
+
+
+async def change_user(settings: Settings, command: str, email: str, *, revoke: bool = False) -> str:
+    """``disable-user`` / ``enable-user`` / ``set-admin``: one use case of the users module in a unit of
+    work. The container has the configured cache, so the commit invalidates what API processes keep
+    of the account's sessions: live tokens follow within ``auth_cache_seconds`` (README "Sessions")."""
+    from core.db.session import UnitOfWork
+
+    await check_database(settings.database_url, settings.database_connect_timeout)
+    container = build_container(settings)
+    await _init_resources(container)
+    try:
+        service = container.users.service()
+        async with UnitOfWork(container.sessions()) as session:
+            if command == "set-admin":
+                return str(await service.set_admin(session, email, not revoke))
+            return str(await service.set_active(session, email, command == "enable-user"))
     finally:
         await _shutdown_resources(container)
 
@@ -261,17 +295,31 @@ def describe_modules(modules: Sequence[Module]) -> str:
     return "\n".join(lines)
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: a count of processes or threads (0 would start a worker that takes no job)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port (uvicorn would wrap 99999 silently around to another one)."""
+    if not text.strip().isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atrium", description="Atrium modular monolith")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the API with uvicorn")
     serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--port", type=_port)
+    serve.add_argument("--workers", type=_at_least_one, default=1)
     serve.add_argument("--modules", help="serve only these modules' routes, e.g. users,items "
                                          "(sets ATRIUM_API_MODULES; all enabled modules stay loaded)")
     worker = sub.add_parser("worker", help="run the job worker and the outbox relay")
-    worker.add_argument("--threads", type=int)
+    worker.add_argument("--threads", type=_at_least_one)
     worker.add_argument("--modules", help="run only these modules' actors, e.g. billing "
                                           "(sets ATRIUM_WORKER_MODULES; the relay still routes every module)")
     migrate = sub.add_parser("migrate", help="upgrade the database schema")
@@ -289,6 +337,13 @@ def _parser() -> argparse.ArgumentParser:
     admin.add_argument("--email", required=True)
     admin.add_argument("--password", required=True)
     admin.add_argument("--full-name", default="Administrator")
+    disable = sub.add_parser("disable-user", help="disable an account and end its sessions (within 1 s)")
+    disable.add_argument("email")
+    enable = sub.add_parser("enable-user", help="enable a disabled account (its user signs in again)")
+    enable.add_argument("email")
+    role = sub.add_parser("set-admin", help="make an account an administrator (its tokens follow within 1 s)")
+    role.add_argument("email")
+    role.add_argument("--revoke", action="store_true", help="take the administrator role away instead")
     listing = sub.add_parser("modules", help="list enabled modules, their routes, actors and tables")
     checks = listing.add_subparsers(dest="modules_command")
     verify = checks.add_parser("verify", help="check the module rules: cycles, imports, dependencies, "
@@ -306,16 +361,29 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         return _dispatch(args, settings)
-    except (ConfigError, ModuleError) as exc:
+    except (ConfigError, ModuleError, NotReady) as exc:  # one line naming the setting
         print(f"atrium: {exc}", file=sys.stderr)
         return 2
     except AppError as exc:  # e.g. create-admin with a taken email or a weak password
         print(f"atrium: {exc.message}", file=sys.stderr)
         return 2
-    except SQLAlchemyError as exc:
-        print(f"atrium: database error ({type(exc).__name__}); is it reachable and migrated "
-              "(`atrium migrate`)?", file=sys.stderr)
-        return 1
+    except SQLAlchemyError as exc:  # after the command's start-up check: while it ran
+        status, line = _database_failure(args.command, exc)
+        print(f"atrium: {line}", file=sys.stderr)
+        return status
+
+
+def _database_failure(command: str, exc: SQLAlchemyError) -> tuple[int, str]:
+    """The exit status and the one line for a database error a command met after its start-up check."""
+    from core.db.engine import database_unavailable
+    from core.preflight import cause, missing_table
+
+    table = missing_table(exc)
+    if table is not None and command != "migrate":
+        return 2, f"ATRIUM_DATABASE_URL: the database has no table {table!r}; run `atrium migrate` first"
+    if database_unavailable(exc):
+        return 2, f"ATRIUM_DATABASE_URL: the database stopped answering ({cause(exc)})"
+    return 1, f"database error: {cause(exc)}"
 
 
 def _exit_cleanly(signum: int, _frame: object) -> None:
@@ -387,6 +455,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             settings = load_settings(api_modules=args.modules)
             os.environ["ATRIUM_API_MODULES"] = ",".join(settings.api_modules)
         load_modules(settings.modules)  # fail fast, before uvicorn, with our one-line message
+        if settings.auto_migrate:  # the app migrates at start: the database must answer now
+            asyncio.run(check_database(settings.database_url, settings.database_connect_timeout))
         port = args.port or settings.port
         prepare_serve(args.workers, settings.metrics_multiproc_dir, port)  # before any worker exists
         # uvicorn stops gracefully on SIGTERM/SIGINT (no new connections, in-flight requests
@@ -414,19 +484,33 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "revision":
         from migrations import new_revision
 
+        if args.autogenerate:  # compares the models with the database: it must answer
+            asyncio.run(check_database(settings.database_url, settings.database_connect_timeout))
         print(f"created {new_revision(settings, args.branch, args.message, args.autogenerate)}")
         return 0
     if args.command == "migrate":
+        from alembic.util import CommandError
+
         from migrations import upgrade
 
         configure_logging(settings.log_level, settings.log_json, enqueue=False)
-        upgrade(settings, args.revision)
+        asyncio.run(check_database(settings.database_url, settings.database_connect_timeout))
+        try:
+            upgrade(settings, args.revision)
+        except CommandError as exc:  # e.g. a revision that does not exist
+            print(f"atrium: migrate: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return 2
         print(f"database at {args.revision or 'head'} (core, {', '.join(settings.modules)})")
         return 0
     if args.command == "create-admin":
         configure_logging(settings.log_level, settings.log_json, enqueue=False)
         user = asyncio.run(create_admin(settings, args.email, args.password, args.full_name))
         print(f"admin created: {user.id} {user.email}")
+        return 0
+    if args.command in ("disable-user", "enable-user", "set-admin"):
+        configure_logging(settings.log_level, settings.log_json, enqueue=False)
+        revoke = getattr(args, "revoke", False)
+        print(asyncio.run(change_user(settings, args.command, args.email, revoke=revoke)))
         return 0
     if args.command == "modules":
         if args.modules_command == "verify":

@@ -748,6 +748,9 @@ class Bench:
             # The rate limiter stays on (every request pays its Redis round trip), with a quota
             # wrk cannot exhaust: one client address sends everything.
             ATRIUM_RATE_LIMITS='{"default": "100000000/minute"}',
+            # One login serves the whole run (--pieces takes ~14 minutes): an access token that
+            # outlives it, where the default (15 minutes) would not.
+            ATRIUM_ACCESS_TOKEN_TTL_SECONDS="86400",
             # Production's own log level (INFO): every request writes its access line.
             PYTHONUNBUFFERED="1",
         )

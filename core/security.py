@@ -1,24 +1,37 @@
-"""Password hashing (argon2id) and signed access tokens (JWT, HS256 only).
+"""Password hashing (argon2id), signed access tokens (JWT, HS256 only), refresh tokens, and the
+port through which a session's authority is read on every request.
 
-Both services are plain objects without global state, so the container builds them once
+The services are plain objects without global state, so the container builds them once
 from settings and tests build them with cheap parameters.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import argon2
 import jwt
 from argon2.exceptions import InvalidHashError, VerificationError
 
-__all__ = ["InvalidToken", "PasswordHasher", "Principal", "TokenService"]
+__all__ = [
+    "AccessClaims",
+    "AuthorityStore",
+    "InvalidToken",
+    "PasswordHasher",
+    "Principal",
+    "RefreshTokens",
+    "SessionAuthority",
+    "TokenService",
+]
 
 
 class PasswordHasher:
@@ -106,32 +119,84 @@ class PasswordHasher:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: the authenticated user and whether they are an administrator."""
+    """Who is calling: the user, whether they are an administrator and the session of their token.
+
+    Built for a request from the account as it stands now (``AuthorityStore``), never from the
+    token's claims alone. ``session_id`` is None only for callers that are not a bearer session
+    (a job, a test acting for a user).
+    """
 
     user_id: uuid.UUID
     is_admin: bool
+    session_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccessClaims:
+    """What a verified access token says: whose it is and which session it belongs to.
+
+    It grants nothing by itself: the session may have ended and the account changed since the
+    token was issued. ``core.edge.auth`` asks the ``AuthorityStore`` what the session may do now.
+    """
+
+    user_id: uuid.UUID
+    session_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class SessionAuthority:
+    """A session as its account stands now: who it acts for, and whether it may act at all."""
+
+    principal: Principal  # is_admin is the account's role now
+    active: bool  # False: the account is disabled
+    revoked: bool  # the session ended: logout, refresh token reuse, password change, disabling
+
+
+class AuthorityStore(Protocol):
+    """The port behind every authenticated request: what a session may do *now*.
+
+    The module that owns accounts implements it (users: ``modules/users/authority.py``) and
+    exports it as its container's provider ``authority``; core never imports a module. With no
+    module providing it, every bearer token is refused. An implementation answers a revocation or
+    a change of role within ``auth_cache_seconds`` (at most 1 s) in every process that serves the API.
+    """
+
+    async def authority(self, session_id: uuid.UUID) -> SessionAuthority | None:
+        """The session's current authority, or None when no such session exists."""
+        ...
 
 
 class InvalidToken(Exception):
-    """The token is malformed, forged, expired, not yet valid or not an access token."""
+    """The access or refresh token is malformed, forged, expired or issued in the future."""
 
 
 _ALGORITHM: Final = "HS256"
-_TOKEN_TYPE: Final = "access"
-_REQUIRED_CLAIMS: Final = ("sub", "adm", "iss", "iat", "nbf", "exp", "jti", "typ")
+_REQUIRED_CLAIMS: Final = ("sub", "sid", "iss", "iat", "exp")
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def _uuid_claim(claims: dict[str, Any], name: str) -> uuid.UUID:
+    value = claims.get(name)
+    if not isinstance(value, str):
+        raise InvalidToken(f"invalid {name} claim")
+    try:
+        return uuid.UUID(value)
+    except ValueError as exc:
+        raise InvalidToken(f"invalid {name} claim") from exc
+
+
 class TokenService:
-    """Issues and verifies short-lived HS256 access tokens.
+    """Issues and verifies short-lived HS256 access tokens: claims ``sub`` (user), ``sid``
+    (session), ``iss``, ``iat`` and ``exp``. No role is in the token: authority comes from the
+    account on every request (``AuthorityStore``), so a token stops working when its session ends.
 
-    ``clock`` is the time source for both issuing and verifying (``exp``, ``nbf``, ``iat``),
-    so tests can move time without sleeping.
+    ``clock`` is the time source for both issuing and verifying (``exp``, ``iat``), so tests can
+    move time without sleeping.
 
-    Verification is a pure function of the token and the secret, so the principals of the last
+    Verification is a pure function of the token and the secret, so the claims of the last
     ``cache_size`` valid tokens are kept: a token seen again skips PyJWT (JSON, base64, HMAC: about
     a tenth of a ``POST /items``, bench/README.md) but still has its times checked against the
     clock, so it expires exactly when it would have. Refused tokens are never kept.
@@ -156,42 +221,46 @@ class TokenService:
         self._clock = clock
         self._leeway = leeway_seconds
         self._cache_size = cache_size
-        self._verified: dict[str, tuple[Principal, dict[str, Any]]] = {}  # oldest first
+        self._verified: dict[str, tuple[AccessClaims, dict[str, Any]]] = {}  # oldest first
 
     def _now(self) -> int:
         return int(self._clock().timestamp())
 
-    def issue(self, principal: Principal) -> str:
+    def issue(self, who: Principal | AccessClaims) -> str:
+        """An access token for ``who``'s session.
+
+        A ``Principal`` without a session gets a fresh session id that no ``AuthorityStore``
+        knows: such a token names its user (the rate limiter tells users apart by it) but
+        authenticates nobody.
+        """
+        session_id = who.session_id if who.session_id is not None else uuid.uuid4()
         now = self._now()
         claims: dict[str, Any] = {
-            "sub": str(principal.user_id),
-            "adm": bool(principal.is_admin),
+            "sub": str(who.user_id),
+            "sid": str(session_id),
             "iss": self.issuer,
             "iat": now,
-            "nbf": now,
             "exp": now + self.ttl_seconds,
-            "jti": uuid.uuid4().hex,
-            "typ": _TOKEN_TYPE,
         }
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
 
-    def verify(self, token: str) -> Principal:
-        """Return the token's principal or raise :class:`InvalidToken`."""
+    def verify(self, token: str) -> AccessClaims:
+        """Return the token's claims or raise :class:`InvalidToken`."""
         if not isinstance(token, str) or not token:
             raise InvalidToken("no token")
         known = self._verified.get(token)
         if known is not None:
-            principal, times = known
+            claims, times = known
             self._check_times(times)
-            return principal
-        principal, times = self._decode(token)
+            return claims
+        claims, times = self._decode(token)
         if self._cache_size > 0:
             if len(self._verified) >= self._cache_size:
                 self._verified.pop(next(iter(self._verified)), None)
-            self._verified[token] = (principal, times)
-        return principal
+            self._verified[token] = (claims, times)
+        return claims
 
-    def _decode(self, token: str) -> tuple[Principal, dict[str, Any]]:
+    def _decode(self, token: str) -> tuple[AccessClaims, dict[str, Any]]:
         try:
             claims = jwt.decode(
                 token,
@@ -214,27 +283,12 @@ class TokenService:
             raise InvalidToken("malformed token") from exc
 
         self._check_times(claims)
-        if claims.get("typ") != _TOKEN_TYPE:
-            raise InvalidToken("not an access token")
-        adm = claims.get("adm")
-        if not isinstance(adm, bool):
-            raise InvalidToken("invalid adm claim")
-        jti = claims.get("jti")
-        if not isinstance(jti, str) or not jti:
-            raise InvalidToken("invalid jti claim")
-        sub = claims.get("sub")
-        if not isinstance(sub, str):
-            raise InvalidToken("invalid sub claim")
-        try:
-            user_id = uuid.UUID(sub)
-        except ValueError as exc:
-            raise InvalidToken("invalid sub claim") from exc
-        times = {name: claims[name] for name in ("iat", "nbf", "exp")}
-        return Principal(user_id=user_id, is_admin=adm), times
+        access = AccessClaims(user_id=_uuid_claim(claims, "sub"), session_id=_uuid_claim(claims, "sid"))
+        return access, {name: claims[name] for name in ("iat", "exp")}
 
     def _check_times(self, claims: dict[str, Any]) -> None:
         values: dict[str, float] = {}
-        for name in ("iat", "nbf", "exp"):
+        for name in ("iat", "exp"):
             value = claims.get(name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise InvalidToken(f"invalid {name} claim")
@@ -242,8 +296,6 @@ class TokenService:
         now = self._now()
         if values["exp"] <= now - self._leeway:
             raise InvalidToken("token has expired")
-        if values["nbf"] > now + self._leeway:
-            raise InvalidToken("token is not valid yet")
         if values["iat"] > now + self._leeway:
             raise InvalidToken("token was issued in the future")
 
@@ -251,3 +303,62 @@ class TokenService:
         """When a token issued at ``issued_at`` (default: now) expires; handy for responses."""
         start = issued_at if issued_at is not None else self._clock()
         return start + timedelta(seconds=self.ttl_seconds)
+
+
+_REFRESH_PREFIX: Final = "rt1."
+_REFRESH_PAYLOAD: Final = 16 + 4  # session id, generation (unsigned 32-bit, big-endian)
+_REFRESH_MAC: Final = 32  # HMAC-SHA256, untruncated
+
+
+class RefreshTokens:
+    """Opaque refresh tokens, each bound to one ``(session id, generation)`` of a session.
+
+    A token is ``rt1.`` + base64url(session id | generation | HMAC-SHA256 of both), under a key
+    derived from the secret for this use alone (a cursor or an access token signature is never a
+    valid MAC here). Why a MAC and not a random secret stored hashed: nothing secret is stored, so a
+    leaked database yields no usable token; and a token of an *older* generation is still
+    recognisably ours, so presenting it proves reuse of a rotated token (the family is revoked)
+    rather than garbage, which nobody can forge to revoke someone else's session.
+    The server keeps the current generation (``user_sessions.generation``): rotating is a
+    compare-and-set on it, so each token is accepted once.
+    """
+
+    def __init__(self, secret: str, ttl_seconds: int) -> None:
+        if not secret:
+            raise ValueError("the token secret must not be empty")
+        if ttl_seconds <= 0:
+            raise ValueError("ttl_seconds must be positive")
+        self._key = hashlib.sha256(b"atrium-refresh-token:" + secret.encode()).digest()
+        self.ttl_seconds = ttl_seconds
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(self._key, payload, hashlib.sha256).digest()
+
+    def issue(self, session_id: uuid.UUID, generation: int) -> str:
+        if not 0 <= generation < 2**32:
+            raise ValueError("generation out of range")
+        payload = session_id.bytes + generation.to_bytes(4, "big")
+        body = base64.urlsafe_b64encode(payload + self._mac(payload)).rstrip(b"=").decode("ascii")
+        return _REFRESH_PREFIX + body
+
+    def read(self, token: str) -> tuple[uuid.UUID, int]:
+        """``(session id, generation)`` of a token this service issued, else :class:`InvalidToken`."""
+        if not isinstance(token, str) or not token.startswith(_REFRESH_PREFIX):
+            raise InvalidToken("not a refresh token")
+        body = token[len(_REFRESH_PREFIX):]
+        if len(body) != _REFRESH_TEXT_LENGTH:
+            raise InvalidToken("malformed refresh token")
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except (ValueError, TypeError) as exc:  # binascii.Error is a ValueError
+            raise InvalidToken("malformed refresh token") from exc
+        if len(raw) != _REFRESH_PAYLOAD + _REFRESH_MAC:
+            raise InvalidToken("malformed refresh token")
+        payload, mac = raw[:_REFRESH_PAYLOAD], raw[_REFRESH_PAYLOAD:]
+        if not hmac.compare_digest(mac, self._mac(payload)):
+            raise InvalidToken("refresh token signature mismatch")
+        return uuid.UUID(bytes=payload[:16]), int.from_bytes(payload[16:], "big")
+
+
+# base64url of 52 bytes without padding: every well-formed token body has exactly this length.
+_REFRESH_TEXT_LENGTH: Final = -(-(_REFRESH_PAYLOAD + _REFRESH_MAC) * 4 // 3)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,11 @@ import pytest
 from core.security import PasswordHasher
 from migrations import downgrade
 from tests.support.db import table_names
+from tests.support.paused import paused
+from tests.support.pg_cluster import PgCluster, require_pg_cluster
+from tests.support.services import POSTGRES_HOST, POSTGRES_PORT, postgres_dsn, require
 from tests.support.settings import TEST_SECRET, make_settings
+from tests.support.smtp import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -25,8 +31,9 @@ SCHEMA = {"users", "outbox_messages", "inbox_messages", "alembic_version"}
 ADMIN_PASSWORD = "correct horse battery staple"
 
 
-def run_cli(*args: str, database_url: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """``python -m main <args>`` from the repo root with the test profile and cheap hashing."""
+def run_cli(*args: str, database_url: str, cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m main <args>`` (from the repo root unless ``cwd``) with the test profile and cheap
+    hashing."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("ATRIUM_")}
     environment.update({
         "ATRIUM_ENV": "test",
@@ -36,7 +43,7 @@ def run_cli(*args: str, database_url: str, **env: str) -> subprocess.CompletedPr
         "ATRIUM_PASSWORD_MEMORY_COST": "1024",
         **env,
     })
-    return subprocess.run([sys.executable, "-m", "main", *args], cwd=REPO, env=environment,
+    return subprocess.run([sys.executable, "-m", "main", *args], cwd=cwd, env=environment,
                           capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -315,3 +322,303 @@ def test_create_admin_refuses_what_sign_up_refuses(migrated_db: Path, email: str
     assert query(migrated_db, "SELECT count(*) FROM users") == [(0,)]
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
+
+
+# --- a bad setting is one line naming it, exit 2, before anything is opened -----------------------
+
+PASSWORD = "hunter2-not-to-be-echoed"
+PG_URL = f"postgresql+asyncpg://atrium:{PASSWORD}@db.example:5432/atrium"
+CREATE_ADMIN = ("create-admin", "--email", "root@example.com", "--password", ADMIN_PASSWORD)
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line a refused command printed, after checking the rest of the contract: exit 2,
+    nothing on stdout, no traceback, no password from a URL."""
+    # On library versions the fast path was not verified on, start-up's one warning says so first.
+    lines = [line for line in result.stderr.strip().splitlines() if "fast path off:" not in line]
+    assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr
+    assert result.stdout == ""
+    assert PASSWORD not in result.stderr
+    return lines[0]
+
+
+BAD_SETTINGS = [
+    pytest.param({"ATRIUM_DATABASE_URL": f"postgresql://atrium:{PASSWORD}@db:5432/atrium"},
+                 "ATRIUM_DATABASE_URL: postgresql:// names no driver; use postgresql+asyncpg:// "
+                 "(Atrium's drivers are asynchronous)", id="database-url-without-asyncpg"),
+    pytest.param({"ATRIUM_DATABASE_URL": f"postgresql+psycopg://atrium:{PASSWORD}@db/atrium"},
+                 "ATRIUM_DATABASE_URL: postgresql+psycopg:// the driver 'psycopg' is not supported; use "
+                 "postgresql+asyncpg://", id="database-url-psycopg"),
+    pytest.param({"ATRIUM_DATABASE_URL": "sqlite:///./var/atrium.db"},
+                 "ATRIUM_DATABASE_URL: sqlite:// names no driver; use sqlite+aiosqlite:///",
+                 id="database-url-sync-sqlite"),
+    pytest.param({"ATRIUM_DATABASE_URL": f"mysql://atrium:{PASSWORD}@db/atrium"},
+                 "ATRIUM_DATABASE_URL: mysql:// is not supported; expected postgresql+asyncpg://",
+                 id="database-url-mysql"),
+    pytest.param({"ATRIUM_DATABASE_URL": "garbage"},
+                 "ATRIUM_DATABASE_URL is not a database URL", id="database-url-garbage"),
+    pytest.param({"ATRIUM_DATABASE_URL": f"postgresql+asyncpg://atrium:{PASSWORD}@db:99999/atrium"},
+                 "ATRIUM_DATABASE_URL: port 99999 is out of range (1-65535)", id="database-port-range"),
+    pytest.param({"ATRIUM_DATABASE_URL": f"postgresql+asyncpg://atrium:{PASSWORD}@db:pg/atrium"},
+                 "ATRIUM_DATABASE_URL is not a database URL (or its port is not a number)",
+                 id="database-port-not-a-number"),
+    pytest.param({"ATRIUM_DATABASE_URL": f"{PG_URL}?sslmode=require"},
+                 "ATRIUM_DATABASE_URL: ?sslmode= is not an asyncpg connection option; asyncpg calls it ssl",
+                 id="database-libpq-option"),
+    pytest.param({"ATRIUM_DATABASE_URL": ""}, "ATRIUM_DATABASE_URL is required (e.g. postgresql+asyncpg://",
+                 id="database-url-empty"),
+    pytest.param({"ATRIUM_DATABASE_URL": PG_URL,
+                  "ATRIUM_DATABASE_REPLICA_URLS": f"postgresql://atrium:{PASSWORD}@replica/atrium"},
+                 "ATRIUM_DATABASE_REPLICA_URLS: postgresql:// names no driver; use postgresql+asyncpg://",
+                 id="replica-url-without-asyncpg"),
+    pytest.param({"ATRIUM_CACHE_BACKEND": "redis"},
+                 "ATRIUM_REDIS_URL is required with ATRIUM_CACHE_BACKEND=redis (e.g. redis://host:6379/0)",
+                 id="cache-redis-without-url"),
+    pytest.param({"ATRIUM_RATE_LIMIT_BACKEND": "redis"},
+                 "ATRIUM_REDIS_URL is required with ATRIUM_RATE_LIMIT_BACKEND=redis",
+                 id="rate-limiter-redis-without-url"),
+    pytest.param({"ATRIUM_CACHE_BACKEND": "redis", "ATRIUM_REDIS_URL": "garbage"},
+                 "ATRIUM_REDIS_URL is not a URL; expected redis://host:6379/0", id="redis-url-garbage"),
+    pytest.param({"ATRIUM_REDIS_URL": f"http://cache:{PASSWORD}@cache:6379/0"},
+                 "ATRIUM_REDIS_URL: http:// does not work; expected redis://", id="redis-url-scheme"),
+    pytest.param({"ATRIUM_REDIS_URL": "redis://cache:6379/zero"},
+                 "ATRIUM_REDIS_URL: the Redis database /zero is not a number (e.g. /0)", id="redis-url-db"),
+    pytest.param({"ATRIUM_REDIS_URL": "redis://cache:637900/0"},
+                 "ATRIUM_REDIS_URL: the port is not a number from 1 to 65535", id="redis-url-port"),
+    pytest.param({"ATRIUM_BROKER_BACKEND": "redis", "ATRIUM_BROKER_URL": "garbage"},
+                 "ATRIUM_BROKER_URL is not a URL; expected redis://host:6379/0", id="broker-url-garbage"),
+    pytest.param({"ATRIUM_BROKER_BACKEND": "rabbitmq", "ATRIUM_BROKER_URL": "redis://queue:6379/1"},
+                 "ATRIUM_BROKER_URL: redis:// does not work with ATRIUM_BROKER_BACKEND=rabbitmq; expected "
+                 "amqp://", id="broker-url-scheme"),
+    pytest.param({"ATRIUM_BROKER_BACKEND": "rabbitmq"},
+                 "ATRIUM_BROKER_URL is required with ATRIUM_BROKER_BACKEND=rabbitmq",
+                 id="broker-without-url"),
+    pytest.param({"ATRIUM_LOG_LEVEL": "loud"}, "ATRIUM_LOG_LEVEL='loud' is not a level; use one of TRACE,",
+                 id="log-level"),
+    pytest.param({"ATRIUM_PORT": "80000"}, "ATRIUM_PORT: Input should be less than or equal to 65535",
+                 id="port-range"),
+    pytest.param({"ATRIUM_PORT": "http"}, "ATRIUM_PORT: Input should be a valid integer",
+                 id="port-not-a-number"),
+    pytest.param({"ATRIUM_SMTP_PORT": "0"}, "ATRIUM_SMTP_PORT: Input should be greater than or equal to 1",
+                 id="smtp-port"),
+    pytest.param({"ATRIUM_DATABASE_STATEMENT_TIMEOUT": "0"},
+                 "ATRIUM_DATABASE_STATEMENT_TIMEOUT: Input should be greater than 0", id="statement-timeout"),
+    pytest.param({"ATRIUM_DATABASE_CONNECT_TIMEOUT": "-1"},
+                 "ATRIUM_DATABASE_CONNECT_TIMEOUT: Input should be greater than 0", id="connect-timeout"),
+    pytest.param({"ATRIUM_SMTP_TIMEOUT": "0"}, "ATRIUM_SMTP_TIMEOUT: Input should be greater than 0",
+                 id="smtp-timeout"),
+    pytest.param({"ATRIUM_DATABASE_POOL_SIZE": "0"},
+                 "ATRIUM_DATABASE_POOL_SIZE: Input should be greater than or equal to 1", id="pool-size"),
+    pytest.param({"ATRIUM_AUTO_MIGRATE": "maybe"}, "ATRIUM_AUTO_MIGRATE: Input should be a valid boolean",
+                 id="boolean"),
+    pytest.param({"ATRIUM_CACHE_BACKEND": "memcached"}, "ATRIUM_CACHE_BACKEND: Input should be 'memory',",
+                 id="unknown-backend"),
+    pytest.param({"ATRIUM_ROOT_PATH": "atrium/"},
+                 "ATRIUM_ROOT_PATH='atrium/' must start with / and not end with one", id="root-path"),
+    pytest.param({"ATRIUM_PAYMENTS_URL": "gateway.example.com"},
+                 "ATRIUM_PAYMENTS_URL is not a URL; expected https://host or http://host:8080",
+                 id="payments-url"),
+    pytest.param({"ATRIUM_JOB_MIN_BACKOFF_MS": "9000", "ATRIUM_JOB_MAX_BACKOFF_MS": "1000"},
+                 "ATRIUM_JOB_MIN_BACKOFF_MS is larger than ATRIUM_JOB_MAX_BACKOFF_MS", id="backoff-order"),
+    pytest.param({"ATRIUM_ENV": "prod"}, "ATRIUM_ENV='prod' is not one of development, test, production",
+                 id="env"),
+    pytest.param({"ATRIUM_ENV": "production", "ATRIUM_DATABASE_URL": PG_URL, "ATRIUM_SMTP_HOST": "smtp",
+                  "ATRIUM_PAYMENTS_BACKEND": "http", "ATRIUM_PAYMENTS_URL": "https://gateway.example",
+                  "ATRIUM_PAYMENTS_API_KEY": "key",
+                  "ATRIUM_PAYMENTS_WEBHOOK_SECRET": "whsec-0123456789abcdef"},
+                 "ATRIUM_REDIS_URL is required with ATRIUM_CACHE_BACKEND=redis",
+                 id="production-without-redis"),
+    pytest.param({"ATRIUM_EMAIL_BACKEND": "smtp"},
+                 "ATRIUM_SMTP_HOST is required with ATRIUM_EMAIL_BACKEND=smtp", id="smtp-without-host"),
+    pytest.param({"ATRIUM_PAYMENTS_BACKEND": "http"},
+                 "ATRIUM_PAYMENTS_URL is required with ATRIUM_PAYMENTS_BACKEND=http",
+                 id="payments-without-url"),
+    pytest.param({"ATRIUM_SECRET_KEY": ""}, "ATRIUM_SECRET_KEY is empty; set it, or unset the variable",
+                 id="secret-empty"),
+    pytest.param({"ATRIUM_MODULES": ""}, "ATRIUM_MODULES is empty; name the modules to run",
+                 id="no-modules"),
+    pytest.param({"ATRIUM_DATABASE_URL": f"{PG_URL}?ssl=true"},
+                 "ATRIUM_DATABASE_URL: ?ssl= must be one of disable, allow, prefer, require, verify-ca, "
+                 "verify-full", id="database-ssl-mode"),
+]
+
+
+@pytest.mark.parametrize(("env", "expected"), BAD_SETTINGS)
+def test_a_bad_setting_is_one_line_naming_it(tmp_path: Path, env: dict[str, str], expected: str) -> None:
+    database = tmp_path / "atrium.db"
+
+    result = run_cli("migrate", database_url=sqlite_file_url(database), **env)
+
+    line = one_line(result)
+    assert line.startswith(f"atrium: {expected}"), line
+    assert not database.exists()  # refused before anything was opened
+
+
+@pytest.mark.parametrize("command", [("serve",), ("worker",), ("migrate",), CREATE_ADMIN, ("modules",),
+                                     ("modules", "verify")], ids=" ".join)
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"ATRIUM_DATABASE_URL": f"postgresql://atrium:{PASSWORD}@127.0.0.1:5432/atrium"},
+     "atrium: ATRIUM_DATABASE_URL: postgresql:// names no driver; use postgresql+asyncpg://"),
+    ({"ATRIUM_BROKER_BACKEND": "redis", "ATRIUM_BROKER_URL": "garbage"},
+     "atrium: ATRIUM_BROKER_URL is not a URL; expected redis://host:6379/0"),
+], ids=["database-url", "broker-url"])
+def test_every_command_refuses_a_bad_setting_alike(
+    tmp_path: Path, command: tuple[str, ...], env: dict[str, str], expected: str,
+) -> None:
+    database = tmp_path / "atrium.db"
+
+    result = run_cli(*command, database_url=sqlite_file_url(database), ATRIUM_PORT=str(free_port()), **env)
+
+    assert one_line(result).startswith(expected)
+    assert not database.exists()
+
+
+def test_a_dotenv_line_that_is_not_a_setting_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("# local settings\nATRIUM_PORT=8001\nthis is not a setting\n")
+
+    result = run_cli("modules", database_url=sqlite_file_url(tmp_path / "x.db"), cwd=tmp_path)
+
+    assert one_line(result) == "atrium: .env line 3: not NAME=value (a comment starts with #)"
+
+
+def test_a_bad_value_in_dotenv_is_the_same_line_as_in_the_environment(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(f"ATRIUM_REDIS_URL=http://cache:{PASSWORD}@cache:6379/0\n")
+
+    result = run_cli("worker", database_url=sqlite_file_url(tmp_path / "x.db"), cwd=tmp_path)
+
+    assert one_line(result).startswith("atrium: ATRIUM_REDIS_URL: http:// does not work; expected redis://")
+
+
+def test_a_dotenv_file_that_is_not_text_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_bytes(b"ATRIUM_PORT=8001\n\xff\xfe\x00garbage\n")
+
+    result = run_cli("migrate", database_url=sqlite_file_url(tmp_path / "x.db"), cwd=tmp_path)
+
+    assert one_line(result) == "atrium: .env is not UTF-8 text"
+    assert not (tmp_path / "x.db").exists()
+
+
+# --- a server that does not answer at a command's start: one line naming the setting, exit 2 -----
+
+
+@pytest.mark.parametrize("command", [("migrate",), CREATE_ADMIN, ("worker",), ("serve",)], ids=" ".join)
+def test_a_database_nobody_listens_at_is_one_line(command: tuple[str, ...]) -> None:
+    port = free_port()  # nothing listens there
+    url = f"postgresql+asyncpg://atrium:{PASSWORD}@127.0.0.1:{port}/atrium"
+
+    result = run_cli(*command, database_url=url, ATRIUM_WORKER_METRICS_PORT="0", ATRIUM_PORT=str(free_port()))
+
+    assert one_line(result) == (
+        f"atrium: ATRIUM_DATABASE_URL: cannot connect to 127.0.0.1:{port} (connection refused)"
+    )
+
+
+@pytest.mark.postgres
+def test_a_database_that_does_not_exist_is_one_line() -> None:
+    require("postgres")
+    url = postgres_dsn("atrium_no_such_database").replace("postgres@", f"postgres:{PASSWORD}@", 1)
+
+    result = run_cli("migrate", database_url=url)
+
+    assert one_line(result) == (f"atrium: ATRIUM_DATABASE_URL: cannot connect to {POSTGRES_HOST}:"
+                                f'{POSTGRES_PORT} (database "atrium_no_such_database" does not exist)')
+
+
+def test_an_sqlite_file_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("migrate", database_url=sqlite_file_url(tmp_path))  # a folder, not a file
+
+    assert one_line(result) == (
+        f"atrium: ATRIUM_DATABASE_URL: cannot open the SQLite file {tmp_path} (unable to open database file)"
+    )
+
+
+@pytest.mark.parametrize(("backend", "scheme"), [("redis", "redis://"),
+                                                 ("rabbitmq", f"amqp://guest:{PASSWORD}@")])
+def test_a_worker_names_a_broker_nobody_listens_at(migrated_db: Path, backend: str, scheme: str) -> None:
+    port = free_port()
+
+    result = run_cli("worker", database_url=sqlite_file_url(migrated_db), ATRIUM_BROKER_BACKEND=backend,
+                     ATRIUM_BROKER_URL=f"{scheme}127.0.0.1:{port}/", ATRIUM_WORKER_METRICS_PORT="0")
+
+    assert one_line(result) == (
+        f"atrium: ATRIUM_BROKER_URL: cannot connect to 127.0.0.1:{port} (connection refused)"
+    )
+
+
+@pytest.mark.rabbitmq
+def test_a_worker_names_a_broker_that_refuses_its_login(migrated_db: Path) -> None:
+    require("rabbitmq")
+
+    result = run_cli("worker", database_url=sqlite_file_url(migrated_db), ATRIUM_BROKER_BACKEND="rabbitmq",
+                     ATRIUM_BROKER_URL=f"amqp://guest:{PASSWORD}@127.0.0.1:5672/",
+                     ATRIUM_WORKER_METRICS_PORT="0")
+
+    assert one_line(result) == ("atrium: ATRIUM_BROKER_URL: cannot connect to 127.0.0.1:5672 "
+                                "(authentication failed: check the user and password)")
+
+
+def test_a_worker_on_a_database_never_migrated_says_to_migrate(tmp_path: Path) -> None:
+    result = run_cli("worker", database_url=sqlite_file_url(tmp_path / "empty.db"),
+                     ATRIUM_WORKER_METRICS_PORT="0")
+
+    assert one_line(result) == ("atrium: ATRIUM_DATABASE_URL: the database has no table 'outbox_messages'; "
+                                "run `atrium migrate` first")
+
+
+def test_create_admin_on_a_database_never_migrated_says_to_migrate(tmp_path: Path) -> None:
+    result = run_cli(*CREATE_ADMIN, database_url=sqlite_file_url(tmp_path / "empty.db"))
+
+    assert re.fullmatch(r"atrium: ATRIUM_DATABASE_URL: the database has no table '\w+'; "
+                        r"run `atrium migrate` first", one_line(result))
+
+
+@pytest.mark.postgres
+async def test_create_admin_on_a_postgres_database_never_migrated_says_to_migrate(
+    pg_database_factory: Callable[[], Any],
+) -> None:
+    url = await pg_database_factory()
+
+    result = await asyncio.to_thread(run_cli, *CREATE_ADMIN, database_url=url)
+
+    assert re.fullmatch(r"atrium: ATRIUM_DATABASE_URL: the database has no table '\w+'; "
+                        r"run `atrium migrate` first", one_line(result))
+
+
+def test_migrate_to_a_revision_that_does_not_exist_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("migrate", "nosuchrevision", database_url=sqlite_file_url(tmp_path / "atrium.db"))
+
+    assert one_line(result).startswith("atrium: migrate: ")
+
+
+@pytest.mark.slow
+def test_migrate_against_a_paused_postgres_gives_up_after_the_connect_timeout() -> None:
+    require_pg_cluster()
+    with PgCluster("paused-migrate") as pg:
+        url = pg.url("postgres").replace("postgres@", f"postgres:{PASSWORD}@", 1)
+        with paused(pg):
+            started = time.monotonic()
+            result = run_cli("migrate", database_url=url, ATRIUM_DATABASE_CONNECT_TIMEOUT="1")
+            took = time.monotonic() - started
+
+    assert one_line(result) == f"atrium: ATRIUM_DATABASE_URL: cannot connect to 127.0.0.1:{pg.port} " \
+                               "(no answer within 1 s)"
+    assert took < 10, f"{took:.1f}s"  # the interpreter's start plus twice the connect timeout, at most
+    print(f"\n[paused postgres] `atrium migrate` gave up in {took:.2f}s (connect timeout 1 s)")
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("serve", "--port", "99999"), "argument --port: '99999' is not a port (1-65535)"),
+    (("serve", "--workers", "0"), "argument --workers: '0' is not a whole number of at least 1"),
+    (("worker", "--threads", "0"), "argument --threads: '0' is not a whole number of at least 1"),
+], ids=["port", "workers", "threads"])
+def test_a_bad_count_or_port_on_the_command_line_is_refused(
+    tmp_path: Path, args: tuple[str, ...], says: str,
+) -> None:
+    result = run_cli(*args, database_url=sqlite_file_url(tmp_path / "x.db"))
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(f"error: {says}")  # after argparse's usage line
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x.db").exists()  # nothing started (uvicorn would wrap 99999 round to 34463)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 
 from loguru import logger
@@ -20,6 +21,22 @@ from prometheus_client import CollectorRegistry, Counter
 from core.cache.stores import Cache, CacheUnavailable
 
 Loader = Callable[[], Awaitable[bytes | None]]
+
+
+# One counter per registry, shared by every cache built on it (each is a ``cache`` label).
+_COUNTERS: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = weakref.WeakKeyDictionary()
+
+
+def _requests_counter(registry: CollectorRegistry) -> Counter:
+    counter = _COUNTERS.get(registry)
+    if counter is None:
+        counter = _COUNTERS[registry] = Counter(
+            "atrium_cache_requests",
+            "Read-through cache lookups by outcome.",
+            ["cache", "result"],
+            registry=registry,
+        )
+    return counter
 
 
 class ReadThroughCache:
@@ -34,12 +51,7 @@ class ReadThroughCache:
         # Keyed by generation too: a read that starts after a write must not join a load that
         # began before it (that load may return the old row).
         self._inflight: dict[tuple[str, int], asyncio.Future[bytes | None]] = {}
-        counter = Counter(
-            "atrium_cache_requests",
-            "Read-through cache lookups by outcome.",
-            ["cache", "result"],
-            registry=registry,
-        )
+        counter = _requests_counter(registry)
         self._hit, self._miss, self._error, self._bypass = (
             counter.labels(name, r) for r in ("hit", "miss", "error", "bypass")
         )

@@ -2,7 +2,8 @@
 
 A cursor carries the last key the client saw plus a fingerprint of the query's filters, signed
 with HMAC: a client can't forge a position, and a cursor from one query can't be replayed on
-another. Any defect is an ``InvalidCursor`` (400), never a 500.
+another. Any defect is an ``InvalidCursor`` (400), never a 500. As a query parameter a cursor is a
+``Cursor``: one line of at most ``CURSOR_MAX`` characters (longer or control characters: 422).
 """
 
 from __future__ import annotations
@@ -11,11 +12,17 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
+from pydantic import StringConstraints
 
 from core.edge.errors import BadRequest
+from core.edge.types import ONE_LINE
+
+# Far above what ``CursorCodec`` makes (a position of a few ids, base64url-encoded).
+CURSOR_MAX = 512
+Cursor = Annotated[str, StringConstraints(max_length=CURSOR_MAX), ONE_LINE]
 
 
 class InvalidCursor(BadRequest):

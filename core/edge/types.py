@@ -12,8 +12,9 @@ surface as 500s. Schemas and query parameters of every module take these types i
   ``integer`` / ``bigint``); a narrower range is ``Field(ge=..., le=...)`` within them.
 
 The OpenAPI document states the rules (JSON Schema ``pattern``, ``minimum``, ``maximum``) and
-pydantic enforces them before any endpoint runs, with a message that says what is wrong. A lone
-UTF-16 surrogate (JSON ``"\ud800"``) is already refused by pydantic's JSON parser.
+pydantic enforces them before any endpoint runs, with a message that says what is wrong.
+A lone UTF-16 surrogate (JSON ``"\\ud800"``, which FastAPI's standard-library JSON parser lets through
+into a bare ``str``) is refused by every text rule as well.
 """
 
 from __future__ import annotations
@@ -28,19 +29,34 @@ from pydantic_core import CoreSchema, core_schema
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
+_SURROGATES = r"\ud800-\udfff"
+SURROGATE_MESSAGE = "must be valid Unicode text (no lone surrogate U+D800-U+DFFF)"
+
+
+def _is_surrogate(char: str) -> bool:
+    return "\ud800" <= char <= "\udfff"
+
+
 class TextRule:
     """Annotation metadata: refuses text holding a character of ``forbidden`` (a regex class) with
     ``message``, and documents the rule as the JSON Schema ``pattern``. Put it after the length
-    constraints: ``Annotated[str, StringConstraints(max_length=200), ONE_LINE]``."""
+    constraints: ``Annotated[str, StringConstraints(max_length=200), ONE_LINE]``.
+
+    A lone UTF-16 surrogate (U+D800-U+DFFF) is refused by every rule as well: FastAPI parses request
+    bodies with the standard ``json`` module, which turns a JSON ``"\\ud800"`` into such a character,
+    and no database driver can encode it. It is left out of the documented ``pattern``: JSON text
+    cannot carry one as a character, and an ECMA-262 class of surrogates means something else
+    without the ``u`` flag."""
 
     def __init__(self, forbidden: str, message: str) -> None:
         self.pattern = f"^[^{forbidden}]*$"
         self.message = message
-        self._search = re.compile(f"[{forbidden}]").search
+        self._search = re.compile(f"[{forbidden}{_SURROGATES}]").search
 
     def check(self, value: str) -> str:
-        if self._search(value):
-            raise ValueError(self.message)
+        found = self._search(value)
+        if found:
+            raise ValueError(SURROGATE_MESSAGE if _is_surrogate(found.group()) else self.message)
         return value
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:

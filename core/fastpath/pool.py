@@ -131,7 +131,13 @@ class Pinger:
         if time.monotonic() - record.info.get(self._LAST_USED, 0.0) < self.ping_after:
             return
         try:
-            await_(driver.fetchrow(";"))
+            await_(driver.fetchrow(";"))  # bounded by the connection's command timeout
+        except TimeoutError:
+            # No answer at all: a hung server, not a restarted one, and a new connection would wait
+            # on it just the same. Raised as it is (not as a DisconnectionError, which would make
+            # the pool reconnect and wait again), the pool invalidates this connection, closed at
+            # once by core.db.engine.drop_if_timed_out, and the request answers 503.
+            raise
         except Exception as exc:
             raise DisconnectionError(f"pre-ping failed: {type(exc).__name__}: {exc}") from exc
 

@@ -35,7 +35,7 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util.concurrency import greenlet_spawn
 
-from core.db.engine import database_unavailable
+from core.db.engine import database_unavailable, timed_out
 from core.db.session import DIRECT_TRANSACTION
 
 _DIRECT = DIRECT_TRANSACTION  # in session.info while a direct transaction is open
@@ -129,7 +129,13 @@ class _DirectTransaction:
 
     def _error(self, exc: Exception, statement: str, parameters: tuple[Any, ...]) -> Exception:
         """``exc`` as SQLAlchemy would raise it from the session (``IntegrityError``, ...); a
-        connection found dead is invalidated, so the pool does not hand it out again."""
+        connection found dead is invalidated, so the pool does not hand it out again. A command the
+        driver gave up on (the server answered nothing within the command timeout) is the stock
+        path's ``DatabaseTimeout``, its connection closed at once and its transaction forgotten."""
+        if isinstance(exc, TimeoutError):
+            self.adapter._transaction = None  # nothing left to roll back on a dropped connection
+            self.fairy.invalidate(exc)  # closed at once: core.db.engine.drop_if_timed_out
+            return timed_out(statement, exc)
         try:
             self.adapter._handle_exception(exc)  # raises the adapter's DBAPI-level error
         except Exception as translated:
@@ -280,6 +286,9 @@ async def read_one(engine: AsyncEngine, statement: Any, params: Mapping[str, Any
     try:
         driver: Any = connection.driver_connection  # asyncpg's connection while checked out
         return True, await driver.fetchrow(query.sql, *query.parameters(params))
+    except TimeoutError as exc:  # no answer within the command timeout: as the stock path says it
+        connection.invalidate(exc)  # closed at once: core.db.engine.drop_if_timed_out
+        raise timed_out(query.sql, exc) from exc
     except BaseException as exc:
         if isinstance(exc, Exception) and database_unavailable(exc):
             connection.invalidate(exc)  # a dead connection must not go back to the pool

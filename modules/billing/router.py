@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from core.edge.auth import CurrentPrincipal
 from core.edge.errors import BadRequest
 from core.edge.idempotency import IdempotencyStore, StoredResponse, check_key, fingerprint, run_once
+from core.edge.pagination import Cursor
 from core.edge.provided import Provided
 from core.edge.routes import DbSession, TransactionalRoute
 from modules.billing.adapters.gateway import InvalidWebhook, PaymentGateway
@@ -54,7 +55,7 @@ async def list_invoices(
     session: DbSession,
     invoices: Invoices,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[Cursor | None, Query()] = None,
     status: Annotated[Literal["open", "paid", "void"] | None, Query()] = None,
 ) -> InvoicePage:
     """The caller's invoices, newest first (an admin sees everyone's); keyset-paginated."""
@@ -99,7 +100,11 @@ async def pay_invoice(
     payments: Payments,
     store: Idempotency,
     request: Request,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    # Checked by check_key (400, not 422: the contract's codes): 1-255 visible ASCII characters, so
+    # nothing a column or a log line cannot hold is ever stored.
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key", description="required: 1 to 255 visible ASCII characters",
+        examples=["order-1234-attempt-1"])] = None,
 ) -> Response:
     """Pay the whole invoice; answers 202 ``pending`` at once and a job charges the gateway.
 

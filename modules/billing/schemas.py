@@ -1,4 +1,8 @@
-"""HTTP models of the billing API, and the payloads of its jobs."""
+"""HTTP models of the billing API, and the payloads of its jobs.
+
+What a client sends stays inside the columns it reaches (``core.edge.types``): a quantity is an
+``Integer`` column, a payment token a ``String(255)`` of a closed alphabet.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,18 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from core.edge.types import Int32
 from modules.billing.domain import MAX_LINES, MAX_QUANTITY
+
+# The domain's MAX_QUANTITY is far inside the column (integer); Int32 states the column.
+Quantity = Annotated[Int32, Field(ge=1, le=MAX_QUANTITY, strict=True, examples=[1])]
 
 
 class LineCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     item_id: uuid.UUID
-    quantity: int = Field(ge=1, le=MAX_QUANTITY, strict=True)
+    quantity: Quantity
 
 
 class InvoiceCreate(BaseModel):
@@ -52,8 +60,10 @@ class InvoicePage(BaseModel):
     next_cursor: str | None
 
 
-# Gateways issue tokens of letters, digits, '_' and '-'; anything else cannot be one.
-PaymentToken = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_\-]+$")]
+# Gateways issue tokens of letters, digits, '_' and '-'; anything else cannot be one. The pattern is
+# stricter than ONE_LINE (no control character can match), and 255 is the column's length.
+PaymentToken = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_\-]+$"),
+                         Field(examples=["tok_visa"])]
 
 
 class PaymentCreate(BaseModel):

@@ -10,8 +10,10 @@ from fastapi import APIRouter, Query, Request, Response
 
 from core.edge.auth import AdminPrincipal
 from core.edge.errors import Unprocessable
+from core.edge.pagination import Cursor
 from core.edge.provided import Provided
 from core.edge.routes import DbSession, ReadSession, TransactionalRoute
+from core.edge.types import Int64, Line
 from modules.items.schemas import Currency, ItemCreate, ItemPage, ItemRead, ItemUpdate
 from modules.items.service import ItemFilters, ItemService
 
@@ -57,10 +59,11 @@ async def list_items(
     session: ReadSession,  # a public catalog page may lag a write by the replication delay
     service: Service,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
-    q: Annotated[str | None, Query(min_length=1, max_length=200, description="name prefix")] = None,
-    min_price: Annotated[int | None, Query(ge=0)] = None,
-    max_price: Annotated[int | None, Query(ge=0)] = None,
+    cursor: Annotated[Cursor | None, Query()] = None,
+    q: Annotated[Line | None, Query(min_length=1, max_length=200, description="name prefix")] = None,
+    # Bounded to the price column (bigint): a larger number would overflow in the driver.
+    min_price: Annotated[Int64 | None, Query(ge=0)] = None,
+    max_price: Annotated[Int64 | None, Query(ge=0)] = None,
     currency: Annotated[Currency | None, Query()] = None,
 ) -> ItemPage:
     """Items in creation order, keyset-paginated; filters: name prefix, price range, currency."""

@@ -1,4 +1,9 @@
-"""HTTP models of the items API."""
+"""HTTP models of the items API.
+
+Text fields take the edge rules of ``core.edge.types`` (a name is one line, a description may hold
+lines; no control characters) and the price stays inside its ``BigInteger`` column, so such input
+is a 422 before anything reaches the database.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from core.edge.types import MULTI_LINE, ONE_LINE, Int64
 from modules.items.domain import DESCRIPTION_MAX, NAME_MAX, PRICE_MAX, is_currency
 
 
@@ -18,10 +24,15 @@ def _currency(code: str) -> str:
     return code
 
 
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=NAME_MAX)]
-Description = Annotated[str, StringConstraints(strip_whitespace=True, max_length=DESCRIPTION_MAX)]
-Price = Annotated[int, Field(ge=0, le=PRICE_MAX, strict=True, description="integer minor units, e.g. cents")]
-Currency = Annotated[str, StringConstraints(min_length=3, max_length=3), AfterValidator(_currency)]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=NAME_MAX), ONE_LINE,
+                 Field(examples=["Brass desk lamp"])]
+Description = Annotated[str, StringConstraints(strip_whitespace=True, max_length=DESCRIPTION_MAX), MULTI_LINE,
+                        Field(examples=["Solid brass.\nShade not included."])]
+# PRICE_MAX (domain) is far inside the column's range; Int64 states the column.
+Price = Annotated[Int64, Field(ge=0, le=PRICE_MAX, strict=True, description="integer minor units, e.g. cents",
+                               examples=[1999])]
+Currency = Annotated[str, StringConstraints(min_length=3, max_length=3), ONE_LINE, AfterValidator(_currency),
+                     Field(examples=["EUR"])]
 
 
 class ItemCreate(BaseModel):

@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from core.edge.errors import Conflict, Unauthorized, Unprocessable
+from core.edge.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
 
 MIN_AGE = 18
 MIN_PASSWORD_LENGTH = 8
@@ -59,3 +59,67 @@ class InvalidCredentials(Unauthorized):
     def __init__(self) -> None:
         # One message for an unknown email and a wrong password: no account enumeration.
         super().__init__("The email or password is incorrect.")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPair:
+    """What a sign-in or a refresh hands out: a short-lived access token and the session's next
+    refresh token, with their lifetimes in seconds."""
+
+    access_token: str
+    expires_in: int
+    refresh_token: str
+    refresh_expires_in: int
+
+
+# Why a session was revoked (user_sessions.revoked_reason).
+LOGOUT = "logout"
+REFRESH_REUSED = "refresh_token_reused"
+PASSWORD_CHANGED = "password_changed"
+ACCOUNT_DISABLED = "account_disabled"
+
+
+class AccountDisabled(Forbidden):
+    """The password is right but the account is disabled: 403, other credentials would not help."""
+
+    code = "account_disabled"
+
+    def __init__(self) -> None:
+        super().__init__("This account is disabled.")
+
+
+class InvalidRefreshToken(Unauthorized):
+    code = "invalid_refresh_token"
+
+    def __init__(self) -> None:
+        super().__init__("The refresh token is invalid.")
+
+
+class RefreshTokenReused(Unauthorized):
+    """A rotated refresh token came back: someone holds a copy. The session (all of its tokens) ends."""
+
+    code = "refresh_token_reused"
+
+    def __init__(self) -> None:
+        super().__init__("This refresh token was already used; the session has been ended. Sign in again.")
+
+
+class SessionEnded(Unauthorized):
+    code = "session_ended"
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"The session has ended ({why}); sign in again.")
+
+
+class WrongPassword(Forbidden):
+    code = "wrong_password"
+
+    def __init__(self) -> None:
+        super().__init__("The current password is incorrect.")
+
+
+class UnknownAccount(NotFound):
+    code = "user_not_found"
+
+    def __init__(self, email: str) -> None:
+        super().__init__(f"No account has the email {email}.")

@@ -2,7 +2,7 @@
 
 from core.module import Module
 from modules.users.container import UsersContainer
-from modules.users.models import UserRow
+from modules.users.models import SessionRow, UserRow
 from modules.users.public import UserRegistered
 from modules.users.router import router
 from modules.users.tasks import send_welcome_email
@@ -11,6 +11,6 @@ MODULE = Module(
     name="users",
     container=UsersContainer,
     router=router,
-    models=(UserRow,),
+    models=(UserRow, SessionRow),
     subscriptions={UserRegistered: (send_welcome_email,)},
 )

@@ -1,31 +1,45 @@
-"""Users HTTP API: sign up, token, me, get by id."""
+"""Users HTTP API: sign up, sessions (token, refresh, logout), password, me, get by id."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
-from fastapi.security import OAuth2PasswordRequestForm
+from fastapi import APIRouter, Depends, Request, Response
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from core.db.session import UnitOfWork
 from core.edge.auth import CurrentPrincipal
+from core.edge.errors import AppError
 from core.edge.provided import Provided
 from core.edge.routes import DbSession, ReadSession, TransactionalRoute
-from core.ratelimit.limiter import LoginRateLimit
-from modules.users.schemas import TokenRead, UserCreate, UserRead
+from core.ratelimit.limiter import LoginRateLimit, RateLimits
+from modules.users.domain import TokenPair
+from modules.users.schemas import LoginForm, PasswordChange, RefreshRequest, TokenRead, UserCreate, UserRead
 from modules.users.service import UserService
 
 router = APIRouter(tags=["users"], route_class=TransactionalRoute)
 Service = Annotated[UserService, Provided("users.service")]
+Limits = Annotated[RateLimits, Provided("rate_limits")]
+Sessions = Annotated[async_sessionmaker[AsyncSession], Provided("sessions")]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "not authenticated"},
+    401: {"description": "not_authenticated, invalid_token (the session ended), account_disabled"},
     404: {"description": "not found"},
+}
+_LIMITED: dict[int | str, dict[str, Any]] = {
+    422: {"description": "validation_error"},
+    429: {"description": "rate_limited"},
 }
 
 
+def _read(pair: TokenPair) -> TokenRead:
+    return TokenRead(access_token=pair.access_token, expires_in=pair.expires_in,
+                     refresh_token=pair.refresh_token, refresh_expires_in=pair.refresh_expires_in)
+
+
 @router.post("/users", status_code=201, response_model=UserRead,
-             responses={409: {"description": "email_taken"}})
+             responses={409: {"description": "email_taken"}, 422: {"description": "validation_error"}})
 async def sign_up(body: UserCreate, session: DbSession, service: Service) -> UserRead:
     """Create an account; a welcome email is sent by a background job."""
     user = await service.register(session, body.email, body.password, body.full_name, body.age)
@@ -33,13 +47,46 @@ async def sign_up(body: UserCreate, session: DbSession, service: Service) -> Use
 
 
 @router.post("/auth/token", response_model=TokenRead, dependencies=[LoginRateLimit],
-             responses={401: {"description": "invalid_credentials"}, 429: {"description": "rate_limited"}})
+             responses={401: {"description": "invalid_credentials"},
+                        403: {"description": "account_disabled (the password was right)"}, **_LIMITED})
 async def issue_token(
-    form: Annotated[OAuth2PasswordRequestForm, Depends()], session: DbSession, service: Service
+    form: Annotated[LoginForm, Depends()], session: DbSession, service: Service
 ) -> TokenRead:
-    """OAuth2 password flow: ``username`` is the email."""
-    token, expires_in = await service.issue_token(session, form.username, form.password)
-    return TokenRead(access_token=token, expires_in=expires_in)
+    """OAuth2 password flow (``username`` is the email): opens a session, returns its token pair."""
+    return _read(await service.issue_token(session, form.username, form.password))
+
+
+@router.post("/auth/refresh", response_model=TokenRead,
+             responses={401: {"description": "invalid_refresh_token, refresh_token_reused (the session "
+                                             "is ended), session_ended"}, **_LIMITED})
+async def refresh(body: RefreshRequest, request: Request, sessions: Sessions, limits: Limits,
+                  service: Service) -> TokenRead:
+    """Spend a refresh token for a new pair. A token used twice ends its session (every token of it)."""
+    await limits.check_login(request.scope, "refresh:" + body.refresh_token)
+    # Its own unit of work, not the request's: a reused token is refused (401) *and* its session
+    # revoked, and the request edge rolls back every 4xx.
+    async with UnitOfWork(sessions) as session:
+        outcome = await service.refresh(session, body.refresh_token)
+    if isinstance(outcome, AppError):
+        raise outcome
+    return _read(outcome)
+
+
+@router.post("/auth/logout", status_code=204, response_class=Response, responses=_ERRORS)
+async def logout(principal: CurrentPrincipal, session: DbSession, service: Service) -> Response:
+    """End the caller's session: its refresh token and access tokens stop working within a second."""
+    await service.logout(session, principal)
+    return Response(status_code=204)
+
+
+@router.post("/users/me/password", status_code=204, response_class=Response,
+             responses={**_ERRORS, 403: {"description": "wrong_password"}, **_LIMITED})
+async def change_password(body: PasswordChange, request: Request, principal: CurrentPrincipal,
+                          session: DbSession, limits: Limits, service: Service) -> Response:
+    """Change the caller's password; the account's other sessions end, this one stays."""
+    await limits.check_login(request.scope, f"password:{principal.user_id}")  # guesses cost like logins
+    await service.change_password(session, principal, body.current_password, body.new_password)
+    return Response(status_code=204)
 
 
 @router.get("/users/me", response_model=UserRead, responses=_ERRORS)

@@ -6,6 +6,7 @@ adapter talking to a real local gateway server, and a separate ``atrium worker``
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -495,3 +496,40 @@ class TestOwnership:
         ]
         for response in attempts:
             assert_envelope(response, 401, "not_authenticated")
+
+
+class TestHostileInput:
+    """Numbers past their column and text the database cannot store are 422s (issue 15)."""
+
+    @pytest.mark.parametrize("quantity", [2**31, 2**63, 2**64, 10**30, -(2**63) - 1])
+    async def test_a_quantity_past_the_column_is_422(
+        self, stack: Stack, admin: dict[str, str], alice: dict[str, str], quantity: int
+    ) -> None:
+        item = await new_item(stack, admin)
+        lines = [{"item_id": item, "quantity": quantity}]
+        response = await stack.client.post(INVOICES, json={"lines": lines}, headers=alice)
+        error = assert_envelope(response, 422, "validation_error")
+        assert ["body", "lines", "0", "quantity"] in [e["loc"] for e in error["details"]["errors"]]
+        assert (await stack.client.get(INVOICES, headers=alice)).json()["invoices"] == []
+
+    @pytest.mark.parametrize("token", ["tok_\u0000visa", "tok_visa\n", "tok_\ud800"])
+    async def test_a_token_with_a_control_character_or_lone_surrogate_is_422(
+        self, stack: Stack, admin: dict[str, str], alice: dict[str, str], token: str
+    ) -> None:
+        invoice = await new_invoice(stack, alice, (await new_item(stack, admin), 1))
+        raw = json.dumps({"payment_token": token})  # a lone surrogate goes out as "\ud800"
+        response = await stack.client.post(
+            f"{INVOICES}/{invoice['id']}/payments", content=raw,
+            headers={**alice, "Idempotency-Key": uuid.uuid4().hex, "Content-Type": "application/json"},
+        )
+        assert_envelope(response, 422, "validation_error")
+        assert (await stack.client.get(f"{INVOICES}/{invoice['id']}/payments", headers=alice)).json() == {
+            "payments": []}
+
+    @pytest.mark.parametrize("params", [{"cursor": "abc\u0000"}, {"cursor": "x" * 513}, {"limit": str(2**63)},
+                                        {"status": "open\u0000"}])
+    async def test_hostile_query_parameters_are_422(
+        self, stack: Stack, alice: dict[str, str], params: dict[str, str]
+    ) -> None:
+        response = await stack.client.get(INVOICES, params=params, headers=alice)
+        assert_envelope(response, 422, "validation_error")

@@ -6,6 +6,7 @@ test that lists gives its items a name prefix of its own and filters with ``q``.
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from typing import Any
@@ -13,11 +14,12 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from core.edge.pagination import CursorCodec
 from core.messaging.outbox import OutboxMessage
 from modules.items.domain import DESCRIPTION_MAX, NAME_MAX, PRICE_MAX
+from modules.items.models import ItemRow
 from tests.support.api import bearer, make_admin, sign_up
 from tests.support.envelope import assert_envelope
 from tests.support.stack import Stack
@@ -614,3 +616,150 @@ class TestCacheMetrics:
         assert after["miss"] - before.get("miss", 0) == 1
         assert after["hit"] - before.get("hit", 0) == 1
         assert after.get("error", 0) == before.get("error", 0)
+
+
+INT64_MAX = 2**63 - 1
+
+
+class TestHostileText:
+    """Text the database cannot store (or that breaks a line) is a 422 at the edge (issue 15)."""
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("name", "nul\u0000inside"),
+            ("name", "two\nlines"),
+            ("name", "escape\u001b[31m"),
+            ("name", "del\u007f"),
+            ("name", "lone \ud800 surrogate"),
+            ("description", "nul\u0000inside"),
+            ("description", "bell\u0007"),
+            ("description", "lone \udfff surrogate"),
+            ("currency", "EU\u0000"),
+        ],
+    )
+    async def test_control_characters_and_lone_surrogates_are_422(
+        self, stack: Stack, admin: dict[str, str], field: str, value: str
+    ) -> None:
+        tag = prefix("hostile")
+        # json.dumps escapes a lone surrogate as "\ud800": the raw JSON a hostile client sends.
+        body = item_body(name=tag)
+        body[field] = f"{tag} {value}" if field == "name" else value  # a name keeps the tag, to list by
+        raw = json.dumps(body)
+        headers = {**admin, "Content-Type": "application/json"}
+        response = await stack.client.post(ITEMS, content=raw, headers=headers)
+        error = assert_envelope(response, 422, "validation_error")
+        assert ["body", field] in [e["loc"] for e in error["details"]["errors"]]
+        assert await list_ids(stack.client, q=tag) == []  # nothing written
+
+    async def test_a_description_may_hold_lines_and_tabs(
+        self, client: httpx.AsyncClient, admin: dict[str, str]
+    ) -> None:
+        item = await create(client, admin, description="first line\n\tindented\r\nlast")
+        assert item["description"] == "first line\n\tindented\r\nlast"
+
+    async def test_a_patch_with_a_nul_is_422_and_changes_nothing(
+        self, client: httpx.AsyncClient, admin: dict[str, str]
+    ) -> None:
+        item = await create(client, admin)
+        for changes in ({"name": "a\u0000b"}, {"description": "\u0000"}, {"price": 1, "name": "x\ny"}):
+            response = await client.patch(f"{ITEMS}/{item['id']}", json=changes, headers=admin)
+            assert_envelope(response, 422, "validation_error")
+        assert (await get(client, item["id"])).json() == item
+
+    @pytest.mark.parametrize(
+        ("param", "value"),
+        [
+            ("q", "nul\u0000"),
+            ("q", "line\nbreak"),
+            ("cursor", "abc\u0000def"),
+            ("min_price", str(2**63)),
+            ("max_price", str(2**64)),
+            ("min_price", str(10**30)),
+            ("max_price", "-1"),
+            ("max_price", str(-(2**63) - 1)),
+        ],
+    )
+    async def test_query_parameters_out_of_their_column_are_422(
+        self, client: httpx.AsyncClient, param: str, value: str
+    ) -> None:
+        response = await client.get(ITEMS, params={param: value})
+        error = assert_envelope(response, 422, "validation_error")
+        assert ["query", param] in [e["loc"] for e in error["details"]["errors"]]
+
+    async def test_the_largest_64_bit_price_bound_is_accepted(
+        self, client: httpx.AsyncClient, admin: dict[str, str]
+    ) -> None:
+        tag = prefix("bound")
+        item = await create(client, admin, name=tag, price=PRICE_MAX)
+        assert await list_ids(client, q=tag, min_price=0, max_price=INT64_MAX) == [item["id"]]
+        assert await list_ids(client, q=tag, min_price=INT64_MAX) == []
+
+
+def _http_requests(metrics_text: str, handler: str, method: str, status: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == "http_requests_total"
+        and sample.labels == {"handler": handler, "method": method, "status": status}
+    )
+
+
+async def _item_rows(stack: Stack) -> int:
+    async with stack.container.sessions()() as session:
+        return int((await session.execute(select(func.count()).select_from(ItemRow))).scalar_one())
+
+
+class TestBodyLimit:
+    """A 100 MB body is refused with 413 without being read (ATRIUM_MAX_BODY_BYTES, default 1 MiB)."""
+
+    CHUNK = 1 << 20  # 1 MiB
+    CHUNKS = 100  # 100 MiB in all
+
+    async def _post(self, stack: Stack, admin: dict[str, str], *, declared: bool
+                    ) -> tuple[httpx.Response, int]:
+        pulled = 0
+
+        async def body() -> Any:
+            nonlocal pulled
+            yield b'{"name": "'
+            for _ in range(self.CHUNKS):
+                pulled += 1
+                yield b"x" * self.CHUNK
+
+        headers = {**admin, "Content-Type": "application/json"}
+        if declared:
+            headers["Content-Length"] = str(self.CHUNKS * self.CHUNK + 10)
+        response = await stack.client.post(ITEMS, content=body(), headers=headers)
+        return response, pulled
+
+    async def test_a_declared_100_mb_body_is_refused_before_a_byte_is_read(
+        self, stack: Stack, admin: dict[str, str]
+    ) -> None:
+        rows = await _item_rows(stack)
+        before = (await stack.client.get("/metrics")).text
+
+        response, pulled = await self._post(stack, admin, declared=True)
+
+        error = assert_envelope(response, 413, "payload_too_large")
+        assert stack.settings.max_body_bytes == 1_048_576  # the default
+        assert error["details"] == {"limit_bytes": 1_048_576}
+        assert pulled == 0
+        assert response.headers["x-request-id"]
+        assert response.headers["connection"] == "close"
+        after = (await stack.client.get("/metrics")).text
+        assert _http_requests(after, ITEMS, "POST", "413") == _http_requests(before, ITEMS, "POST", "413") + 1
+        assert await _item_rows(stack) == rows
+
+    async def test_a_chunked_100_mb_body_stops_being_read_past_the_limit(
+        self, stack: Stack, admin: dict[str, str]
+    ) -> None:
+        rows = await _item_rows(stack)
+
+        response, pulled = await self._post(stack, admin, declared=False)
+
+        assert_envelope(response, 413, "payload_too_large")
+        # The opening bytes and the first MiB pass the limit: 1 chunk of 100 pulled, the rest never.
+        assert pulled == 1
+        assert await _item_rows(stack) == rows

@@ -8,9 +8,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import jwt
 import pytest
 
-from core.security import Principal, TokenService
+from core.security import AccessClaims, TokenService
 from tests.support.api import bearer, make_admin, sign_up, signup_body, unique_email
 from tests.support.envelope import assert_envelope
 from tests.support.settings import TEST_SECRET
@@ -111,7 +112,7 @@ class TestToken:
         assert response.status_code == 200, response.text
         token = response.json()
         assert token["token_type"] == "bearer"
-        assert token["expires_in"] == 3600
+        assert token["expires_in"] == 900
         me = await client.get(f"{USERS}/me", headers=bearer(token["access_token"]))
         assert me.json()["email"] == body["email"]
 
@@ -130,6 +131,12 @@ class TestToken:
     async def test_json_instead_of_form_is_422(self, client: httpx.AsyncClient) -> None:
         response = await client.post(TOKEN, json={"username": "a@b.co", "password": "x"})
         assert_envelope(response, 422, "validation_error")
+
+
+def session_of(token: str) -> AccessClaims:
+    """The user and session an access token names (its signature not checked)."""
+    claims = jwt.decode(token, options={"verify_signature": False})
+    return AccessClaims(uuid.UUID(claims["sub"]), uuid.UUID(claims["sid"]))
 
 
 def _forge(claims: dict, header: dict) -> str:
@@ -157,31 +164,79 @@ class TestMe:
         assert response.status_code == 401
 
     async def test_expired_token_is_401(self, client: httpx.AsyncClient) -> None:
-        user, _ = await sign_up(client)
+        _, token = await sign_up(client)
+        live = session_of(token)  # the session is live: only the expiry refuses the token
         past = TokenService(TEST_SECRET, 60, clock=lambda: datetime.now(UTC) - timedelta(hours=2))
-        token = past.issue(Principal(uuid.UUID(user["id"]), False))
-        assert_envelope(await client.get(f"{USERS}/me", headers=bearer(token)), 401, "invalid_token")
+        expired = await client.get(f"{USERS}/me", headers=bearer(past.issue(live)))
+        assert_envelope(expired, 401, "invalid_token")
+        assert (await client.get(f"{USERS}/me", headers=bearer(token))).status_code == 200
 
     async def test_alg_none_token_is_401(self, client: httpx.AsyncClient) -> None:
-        user, _ = await sign_up(client)
+        _, token = await sign_up(client)
+        live = session_of(token)
         now = int(datetime.now(UTC).timestamp())
-        claims = {
-            "sub": user["id"],
-            "adm": True,
-            "iss": "atrium",
-            "iat": now,
-            "nbf": now,
-            "exp": now + 600,
-            "jti": "x",
-            "typ": "access",
-        }
-        token = _forge(claims, {"alg": "none", "typ": "JWT"})
-        assert_envelope(await client.get(f"{USERS}/me", headers=bearer(token)), 401, "invalid_token")
+        claims = {"sub": str(live.user_id), "sid": str(live.session_id), "iss": "atrium", "iat": now,
+                  "exp": now + 600}
+        forged = _forge(claims, {"alg": "none", "typ": "JWT"})
+        assert_envelope(await client.get(f"{USERS}/me", headers=bearer(forged)), 401, "invalid_token")
 
     async def test_token_signed_with_another_secret_is_401(self, client: httpx.AsyncClient) -> None:
+        _, token = await sign_up(client)
+        forged = TokenService("another-secret-" + "x" * 32, 600).issue(session_of(token))
+        assert_envelope(await client.get(f"{USERS}/me", headers=bearer(forged)), 401, "invalid_token")
+
+    async def test_a_token_of_a_session_nobody_opened_is_401(self, client: httpx.AsyncClient) -> None:
         user, _ = await sign_up(client)
-        token = TokenService("another-secret-" + "x" * 32, 600).issue(Principal(uuid.UUID(user["id"]), True))
-        assert_envelope(await client.get(f"{USERS}/me", headers=bearer(token)), 401, "invalid_token")
+        unknown = TokenService(TEST_SECRET, 600).issue(AccessClaims(uuid.UUID(user["id"]), uuid.uuid4()))
+        assert_envelope(await client.get(f"{USERS}/me", headers=bearer(unknown)), 401, "invalid_token")
+
+
+class TestHostileInput:
+    """Text with control characters and integers beyond a column: 422 at the edge, never a 500 from
+    the database, and nothing written."""
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [
+            ("full_name", "Ada\x00Lovelace"),
+            ("full_name", "Ada\nLovelace"),
+            ("full_name", "Ada\x7fLovelace"),
+            ("password", "correct\x00horse battery"),
+            ("password", "correct\thorse battery"),
+            ("password", "correct\x85horse battery"),
+            ("email", "ada\x00@example.com"),
+            ("age", 2**31),
+            ("age", 2**63),
+            ("age", -(2**31) - 1),
+        ],
+    )
+    async def test_sign_up_refuses_it_and_writes_nothing(
+        self, client: httpx.AsyncClient, field: str, value: object
+    ) -> None:
+        body = signup_body()
+        response = await client.post(USERS, json={**body, field: value})
+        error = assert_envelope(response, 422, "validation_error")
+        assert ["body", field] in [e["loc"] for e in error["details"]["errors"]]
+        assert (await client.post(USERS, json=body)).status_code == 201  # the email was not taken
+
+    @pytest.mark.parametrize(
+        "form",
+        [
+            {"username": "ada\x00@example.com", "password": "correct horse battery"},
+            {"username": "ada@example.com", "password": "correct\x00horse battery"},
+            {"username": "a" * 321, "password": "correct horse battery"},
+            {"username": "ada@example.com", "password": "p" * 129},
+        ],
+    )
+    async def test_login_refuses_it_with_422(self, client: httpx.AsyncClient, form: dict[str, str]) -> None:
+        assert_envelope(await client.post(TOKEN, data=form), 422, "validation_error")
+
+    async def test_a_password_may_hold_any_printable_character(self, client: httpx.AsyncClient) -> None:
+        password = "Pässwörd mit Leerzeichen ✓ «»"
+        body = signup_body(password=password)
+        assert (await client.post(USERS, json=body)).status_code == 201
+        response = await client.post(TOKEN, data={"username": body["email"], "password": password})
+        assert response.status_code == 200, response.text
 
 
 class TestGetUser:

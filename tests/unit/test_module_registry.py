@@ -84,7 +84,7 @@ def test_the_real_users_module_loads() -> None:
     [users] = load_modules(["users"])
 
     assert users.name == "users"
-    assert users.tables == ["users"]
+    assert users.tables == ["users", "user_sessions"]
     assert users.routes() == {"users.UserRegistered": ["users.send_welcome_email"]}
 
 

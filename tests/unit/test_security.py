@@ -1,4 +1,4 @@
-"""Unit tests for core.security: argon2id password hashing and HS256 access tokens."""
+"""Unit tests for core.security: argon2id password hashing, HS256 access tokens, refresh tokens."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import jwt
 import pytest
 
-from core.security import InvalidToken, PasswordHasher, Principal, TokenService
+from core.security import AccessClaims, InvalidToken, PasswordHasher, Principal, RefreshTokens, TokenService
 
 SECRET = "unit-test-secret-that-is-long-enough-for-hs256-and-even-for-hs512!!"
 OTHER_SECRET = "another-secret-that-is-also-long-enough-for-hs256"
@@ -58,21 +58,18 @@ def tokens(clock: FakeClock) -> TokenService:
 
 
 @pytest.fixture
-def principal() -> Principal:
-    return Principal(user_id=uuid.uuid4(), is_admin=False)
+def claims() -> AccessClaims:
+    return AccessClaims(user_id=uuid.uuid4(), session_id=uuid.uuid4())
 
 
 def valid_claims(clock: FakeClock, **overrides: object) -> dict:
     now = int(clock().timestamp())
     claims = {
         "sub": str(uuid.uuid4()),
-        "adm": False,
+        "sid": str(uuid.uuid4()),
         "iss": "atrium",
         "iat": now,
-        "nbf": now,
         "exp": now + 900,
-        "jti": uuid.uuid4().hex,
-        "typ": "access",
     }
     claims.update(overrides)
     return {k: v for k, v in claims.items() if v is not None}
@@ -160,25 +157,36 @@ class TestVerifyDummy:
 
 
 class TestIssue:
-    def test_claims(self, tokens: TokenService, principal: Principal) -> None:
-        token = tokens.issue(principal)
+    def test_claims_are_subject_session_issuer_and_times_and_nothing_else(
+        self, tokens: TokenService, claims: AccessClaims
+    ) -> None:
+        token = tokens.issue(claims)
         header = b64url_decode_json(token.split(".")[0])
-        claims = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_exp": False})
+        decoded = jwt.decode(token, SECRET, algorithms=["HS256"], options={"verify_exp": False})
         assert header["alg"] == "HS256"
         now = int(T0.timestamp())
-        assert claims["sub"] == str(principal.user_id)
-        assert claims["adm"] is False
-        assert claims["iss"] == "atrium"
-        assert claims["typ"] == "access"
-        assert claims["iat"] == claims["nbf"] == now
-        assert claims["exp"] == now + 900
-        assert len(claims["jti"]) == 32
-        uuid.UUID(hex=claims["jti"])
+        assert decoded == {
+            "sub": str(claims.user_id),
+            "sid": str(claims.session_id),
+            "iss": "atrium",
+            "iat": now,
+            "exp": now + 900,
+        }
 
-    def test_unique_jti(self, tokens: TokenService, principal: Principal) -> None:
-        first = jwt.decode(tokens.issue(principal), options={"verify_signature": False})
-        second = jwt.decode(tokens.issue(principal), options={"verify_signature": False})
-        assert first["jti"] != second["jti"]
+    def test_a_principal_role_is_never_written_into_the_token(self, tokens: TokenService) -> None:
+        admin = Principal(user_id=uuid.uuid4(), is_admin=True, session_id=uuid.uuid4())
+        decoded = jwt.decode(tokens.issue(admin), options={"verify_signature": False})
+        assert "adm" not in decoded
+        assert decoded["sid"] == str(admin.session_id)
+
+    def test_a_principal_without_a_session_gets_a_fresh_session_id_each_time(
+        self, tokens: TokenService
+    ) -> None:
+        who = Principal(user_id=uuid.uuid4(), is_admin=False)
+        first = tokens.verify(tokens.issue(who))
+        second = tokens.verify(tokens.issue(who))
+        assert first.user_id == second.user_id == who.user_id
+        assert first.session_id != second.session_id
 
     def test_ttl_is_exposed(self, tokens: TokenService) -> None:
         assert tokens.ttl_seconds == 900
@@ -189,49 +197,59 @@ class TestIssue:
 
 
 class TestTokenVerify:
-    def test_roundtrip(self, tokens: TokenService) -> None:
-        admin = Principal(user_id=uuid.uuid4(), is_admin=True)
-        assert tokens.verify(tokens.issue(admin)) == admin
+    def test_roundtrip(self, tokens: TokenService, claims: AccessClaims) -> None:
+        assert tokens.verify(tokens.issue(claims)) == claims
 
     def test_roundtrip_with_real_clock(self) -> None:
         service = TokenService(SECRET, ttl_seconds=60)
-        who = Principal(user_id=uuid.uuid4(), is_admin=False)
+        who = AccessClaims(user_id=uuid.uuid4(), session_id=uuid.uuid4())
         assert service.verify(service.issue(who)) == who
 
-    def test_valid_until_expiry(self, tokens: TokenService, clock: FakeClock, principal: Principal) -> None:
-        token = tokens.issue(principal)
-        clock.advance(899)
-        assert tokens.verify(token) == principal
+    def test_a_remembered_token_still_expires(
+        self, tokens: TokenService, clock: FakeClock, claims: AccessClaims
+    ) -> None:
+        token = tokens.issue(claims)
+        assert tokens.verify(token) == claims  # now remembered
+        clock.advance(900 + 6)
+        with pytest.raises(InvalidToken, match="expired"):
+            tokens.verify(token)
 
-    def test_expired(self, tokens: TokenService, clock: FakeClock, principal: Principal) -> None:
-        token = tokens.issue(principal)
+    def test_valid_until_expiry(self, tokens: TokenService, clock: FakeClock, claims: AccessClaims) -> None:
+        token = tokens.issue(claims)
+        clock.advance(899)
+        assert tokens.verify(token) == claims
+
+    def test_expired(self, tokens: TokenService, clock: FakeClock, claims: AccessClaims) -> None:
+        token = tokens.issue(claims)
         clock.advance(900 + 6)  # past the 5 s leeway
         with pytest.raises(InvalidToken, match="expired"):
             tokens.verify(token)
 
-    def test_not_yet_valid(self, tokens: TokenService, clock: FakeClock, principal: Principal) -> None:
+    def test_issued_in_the_future(self, tokens: TokenService, clock: FakeClock, claims: AccessClaims) -> None:
         clock.advance(3600)
-        token = tokens.issue(principal)
+        token = tokens.issue(claims)
         clock.advance(-3600)
-        with pytest.raises(InvalidToken):
+        with pytest.raises(InvalidToken, match="future"):
             tokens.verify(token)
 
-    def test_tampered_payload(self, tokens: TokenService, principal: Principal) -> None:
-        header, payload, signature = tokens.issue(principal).split(".")
+    def test_tampered_payload(self, tokens: TokenService, claims: AccessClaims) -> None:
+        header, payload, signature = tokens.issue(claims).split(".")
         middle = len(payload) // 2
         flipped = "A" if payload[middle] != "A" else "B"
         with pytest.raises(InvalidToken):
             tokens.verify(f"{header}.{payload[:middle]}{flipped}{payload[middle + 1 :]}.{signature}")
 
-    def test_privilege_escalation_in_payload(self, tokens: TokenService, principal: Principal) -> None:
-        header, payload, signature = tokens.issue(principal).split(".")
-        claims = b64url_decode_json(payload)
-        claims["adm"] = True
+    def test_another_session_written_into_the_payload(
+        self, tokens: TokenService, claims: AccessClaims
+    ) -> None:
+        header, payload, signature = tokens.issue(claims).split(".")
+        decoded = b64url_decode_json(payload)
+        decoded["sid"] = str(uuid.uuid4())
         with pytest.raises(InvalidToken):
-            tokens.verify(f"{header}.{b64url_json(claims)}.{signature}")
+            tokens.verify(f"{header}.{b64url_json(decoded)}.{signature}")
 
-    def test_tampered_signature(self, tokens: TokenService, principal: Principal) -> None:
-        header, payload, signature = tokens.issue(principal).split(".")
+    def test_tampered_signature(self, tokens: TokenService, claims: AccessClaims) -> None:
+        header, payload, signature = tokens.issue(claims).split(".")
         raw = bytearray(base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)))
         raw[0] ^= 0x01
         with pytest.raises(InvalidToken):
@@ -240,7 +258,7 @@ class TestTokenVerify:
     @pytest.mark.parametrize("alg", ["none", "None", "NONE"])
     def test_alg_none_rejected(self, tokens: TokenService, clock: FakeClock, alg: str) -> None:
         header = b64url_json({"alg": alg, "typ": "JWT"})
-        payload = b64url_json(valid_claims(clock, adm=True))
+        payload = b64url_json(valid_claims(clock))
         with pytest.raises(InvalidToken):
             tokens.verify(f"{header}.{payload}.")
 
@@ -257,18 +275,27 @@ class TestTokenVerify:
             tokens.verify(f"{signing_input}.{b64url(signature)}")
 
     def test_other_secret_rejected(
-        self, tokens: TokenService, clock: FakeClock, principal: Principal
+        self, tokens: TokenService, clock: FakeClock, claims: AccessClaims
     ) -> None:
         other = TokenService(OTHER_SECRET, ttl_seconds=900, clock=clock)
         with pytest.raises(InvalidToken):
-            tokens.verify(other.issue(principal))
+            tokens.verify(other.issue(claims))
 
     def test_wrong_issuer_rejected(
-        self, tokens: TokenService, clock: FakeClock, principal: Principal
+        self, tokens: TokenService, clock: FakeClock, claims: AccessClaims
     ) -> None:
         other = TokenService(SECRET, ttl_seconds=900, issuer="someone-else", clock=clock)
         with pytest.raises(InvalidToken):
-            tokens.verify(other.issue(principal))
+            tokens.verify(other.issue(claims))
+
+    def test_an_old_token_with_a_role_and_no_session_is_refused(
+        self, tokens: TokenService, clock: FakeClock
+    ) -> None:
+        now = int(clock().timestamp())
+        old = {"sub": str(uuid.uuid4()), "adm": True, "iss": "atrium", "iat": now, "nbf": now,
+               "exp": now + 900, "jti": uuid.uuid4().hex, "typ": "access"}  # before sessions existed
+        with pytest.raises(InvalidToken):
+            tokens.verify(jwt.encode(old, SECRET, algorithm="HS256"))
 
     @pytest.mark.parametrize(
         "garbage",
@@ -278,7 +305,7 @@ class TestTokenVerify:
         with pytest.raises(InvalidToken):
             tokens.verify(garbage)
 
-    @pytest.mark.parametrize("claim", ["exp", "sub", "adm", "iss", "iat", "nbf", "jti", "typ"])
+    @pytest.mark.parametrize("claim", ["exp", "sub", "sid", "iss", "iat"])
     def test_missing_claim_rejected(self, tokens: TokenService, clock: FakeClock, claim: str) -> None:
         claims = valid_claims(clock)
         del claims[claim]
@@ -288,11 +315,11 @@ class TestTokenVerify:
     @pytest.mark.parametrize(
         "override",
         [
-            {"typ": "refresh"},
             {"sub": "not-a-uuid"},
-            {"adm": "yes"},
+            {"sid": "not-a-uuid"},
+            {"sid": 12345},
             {"exp": "tomorrow"},
-            {"jti": ""},
+            {"iat": True},
         ],
     )
     def test_wrong_claim_values_rejected(
@@ -301,3 +328,72 @@ class TestTokenVerify:
         token = jwt.encode(valid_claims(clock, **override), SECRET, algorithm="HS256")
         with pytest.raises(InvalidToken):
             tokens.verify(token)
+
+
+@pytest.fixture
+def refresh() -> RefreshTokens:
+    return RefreshTokens(SECRET, ttl_seconds=86_400)
+
+
+class TestRefreshTokens:
+    def test_roundtrip(self, refresh: RefreshTokens) -> None:
+        session_id = uuid.uuid4()
+        for generation in (0, 1, 2**32 - 1):
+            assert refresh.read(refresh.issue(session_id, generation)) == (session_id, generation)
+
+    def test_is_opaque_and_of_one_length(self, refresh: RefreshTokens) -> None:
+        tokens = {refresh.issue(uuid.uuid4(), g) for g in range(50)}
+        assert {len(t) for t in tokens} == {74}
+        assert all(t.startswith("rt1.") and "." not in t[4:] for t in tokens)  # not a JWT
+
+    def test_each_generation_is_another_token(self, refresh: RefreshTokens) -> None:
+        session_id = uuid.uuid4()
+        assert len({refresh.issue(session_id, g) for g in range(10)}) == 10
+
+    def test_every_changed_character_is_refused(self, refresh: RefreshTokens) -> None:
+        token = refresh.issue(uuid.uuid4(), 3)
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        for i in range(4, len(token) - 1):  # the last character also carries 2 unused bits
+            changed = token[:i] + alphabet[(alphabet.index(token[i]) + 1) % 64] + token[i + 1:]
+            with pytest.raises(InvalidToken):
+                refresh.read(changed)
+
+    def test_a_later_generation_cannot_be_made_without_the_key(self, refresh: RefreshTokens) -> None:
+        session_id = uuid.uuid4()
+        raw = bytearray(base64.urlsafe_b64decode(refresh.issue(session_id, 1)[4:] + "=="))
+        raw[19] = 2  # the generation's last byte; the MAC is left as it was
+        with pytest.raises(InvalidToken, match="signature"):
+            refresh.read("rt1." + b64url(bytes(raw)))
+
+    def test_another_secret_refuses_it(self, refresh: RefreshTokens) -> None:
+        other = RefreshTokens(OTHER_SECRET, ttl_seconds=60)
+        with pytest.raises(InvalidToken):
+            other.read(refresh.issue(uuid.uuid4(), 0))
+
+    def test_the_key_is_not_the_secret_itself(self, refresh: RefreshTokens) -> None:
+        # A MAC made with the raw secret (as a JWT signature is) is not a refresh token's.
+        payload = uuid.uuid4().bytes + (0).to_bytes(4, "big")
+        mac = hmac.new(SECRET.encode(), payload, hashlib.sha256).digest()
+        with pytest.raises(InvalidToken):
+            refresh.read("rt1." + b64url(payload + mac))
+
+    @pytest.mark.parametrize(
+        "garbage",
+        ["", "rt1.", "rt1." + "A" * 70, "rt2." + "A" * 70, "rt1." + "é" * 70, "rt1." + "A" * 69 + "\x00",
+         "eyJhbGciOiJIUzI1NiJ9.e30.sig", "rt1." + "!" * 70],
+    )
+    def test_garbage_is_refused(self, refresh: RefreshTokens, garbage: str) -> None:
+        with pytest.raises(InvalidToken):
+            refresh.read(garbage)
+
+    def test_a_generation_out_of_range_is_a_bug(self, refresh: RefreshTokens) -> None:
+        with pytest.raises(ValueError, match="generation"):
+            refresh.issue(uuid.uuid4(), 2**32)
+        with pytest.raises(ValueError, match="generation"):
+            refresh.issue(uuid.uuid4(), -1)
+
+    def test_bad_construction_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="secret"):
+            RefreshTokens("", ttl_seconds=60)
+        with pytest.raises(ValueError, match="ttl"):
+            RefreshTokens(SECRET, ttl_seconds=0)

@@ -104,6 +104,7 @@ def test_environment_variables_override_profile_values(monkeypatch: pytest.Monke
         "ATRIUM_ENV": "development",
         "ATRIUM_DATABASE_URL": "postgresql+asyncpg://me@localhost/dev",
         "ATRIUM_CACHE_BACKEND": "redis",
+        "ATRIUM_REDIS_URL": "redis://localhost:6379/0",
         "ATRIUM_EMAIL_BACKEND": "memory",
         "ATRIUM_AUTO_MIGRATE": "false",
         "ATRIUM_RUN_WORKER_IN_PROCESS": "0",
@@ -174,7 +175,9 @@ def test_read_replicas_parse_from_a_comma_separated_list(monkeypatch: pytest.Mon
 
 @pytest.mark.parametrize(("primary", "replicas", "message"), [
     ("sqlite+aiosqlite:///./var/a.db", "postgresql+asyncpg://atrium@r1/atrium", "needs a PostgreSQL"),
-    ("postgresql+asyncpg://atrium@db/atrium", "mysql://u:hunter2@r1/atrium", "'r1/atrium' is not a Postgre"),
+    ("postgresql+asyncpg://atrium@db/atrium", "mysql://u:hunter2@r1/atrium", "mysql:// is not supported"),
+    ("postgresql+asyncpg://atrium@db/atrium", "postgresql://u:hunter2@r1/atrium", "use postgresql\\+asyncpg://"),
+    ("postgresql+asyncpg://atrium@db/atrium", "sqlite+aiosqlite:///./r.db", "sqlite\\+aiosqlite:// is not"),
 ])
 def test_read_replicas_must_be_postgresql(
     monkeypatch: pytest.MonkeyPatch, primary: str, replicas: str, message: str
@@ -295,12 +298,13 @@ def test_the_secret_length_boundary_is_32_characters(monkeypatch: pytest.MonkeyP
 
 def test_development_tolerates_what_production_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
     set_env(monkeypatch, {"ATRIUM_ENV": "development", "ATRIUM_SECRET_KEY": "short",
-                          "ATRIUM_CACHE_BACKEND": "redis"})
+                          "ATRIUM_BROKER_BACKEND": "stub", "ATRIUM_DATABASE_URL": "sqlite+aiosqlite:///./d.db"})
 
     settings = load_settings()
 
     assert settings.secret_key == "short"
-    assert settings.redis_url == ""
+    assert settings.broker_backend == "stub"
+    assert settings.is_sqlite
 
 
 def test_a_dotenv_file_in_the_cwd_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
