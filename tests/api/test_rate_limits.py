@@ -361,7 +361,7 @@ class TestConfiguration:
         values = {"env": "production", "secret_key": "s" * 40, "modules": "users,items",
                   "database_url": "postgresql+asyncpg://atrium@db/atrium", "broker_backend": "redis",
                   "broker_url": "redis://queue:6379/1", "email_backend": "console", "cache_backend": "none"}
-        with pytest.raises(ConfigError, match=r"ATRIUM_REDIS_URL .*rate_limit_backend=redis"):
+        with pytest.raises(ConfigError, match=r"ATRIUM_REDIS_URL .*ATRIUM_RATE_LIMIT_BACKEND=redis"):
             load_settings(**values)
         assert load_settings(**values, redis_url="redis://cache:6379/0").rate_limit_backend == "redis"
         assert load_settings(**values, rate_limit_backend="none").rate_limit_backend == "none"
