@@ -18,6 +18,7 @@ import pytest
 
 from core.security import PasswordHasher
 from migrations import downgrade
+from tests.support.cli import run_cli
 from tests.support.db import table_names
 from tests.support.paused import paused
 from tests.support.pg_cluster import PgCluster, require_pg_cluster
@@ -30,22 +31,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = {"users", "outbox_messages", "inbox_messages", "alembic_version"}
 ADMIN_PASSWORD = "correct horse battery staple"
-
-
-def run_cli(*args: str, database_url: str, cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess[str]:
-    """``python -m main <args>`` (from the repo root unless ``cwd``) with the test profile and cheap
-    hashing."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("ATRIUM_")}
-    environment.update({
-        "ATRIUM_ENV": "test",
-        "ATRIUM_DATABASE_URL": database_url,
-        "ATRIUM_SECRET_KEY": TEST_SECRET,
-        "ATRIUM_PASSWORD_TIME_COST": "1",
-        "ATRIUM_PASSWORD_MEMORY_COST": "1024",
-        **env,
-    })
-    return subprocess.run([sys.executable, "-m", "main", *args], cwd=cwd, env=environment,
-                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:

@@ -6,10 +6,8 @@ tests/api/test_sessions.py::TestAcrossProcesses.)"""
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,30 +18,17 @@ import pytest
 
 from main import create_app
 from tests.support.api import bearer, signup_body
+from tests.support.cli import run_cli
 from tests.support.envelope import assert_envelope
-from tests.support.settings import CHEAP_HASHING, TEST_SECRET, make_settings
+from tests.support.settings import CHEAP_HASHING, make_settings
 from tests.support.stack import serve
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
 ME = "/api/v1/users/me"
 ITEMS = "/api/v1/items"
 ITEM = {"name": "CLI lamp", "description": "d", "price": 100, "currency": "EUR"}
-
-
-def run_cli(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("ATRIUM_")}
-    environment.update({
-        "ATRIUM_ENV": "test",
-        "ATRIUM_DATABASE_URL": database_url,
-        "ATRIUM_SECRET_KEY": TEST_SECRET,
-        "ATRIUM_PASSWORD_TIME_COST": "1",
-        "ATRIUM_PASSWORD_MEMORY_COST": "1024",
-    })
-    return subprocess.run([sys.executable, "-m", "main", *args], cwd=REPO, env=environment,
-                          capture_output=True, text=True, timeout=120, check=False)
 
 
 async def cli(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
