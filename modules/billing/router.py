@@ -45,7 +45,7 @@ async def create_invoice(body: InvoiceCreate, principal: CurrentPrincipal, sessi
     """Open an invoice for the caller, priced from the catalog at this moment."""
     requested = [(line.item_id, line.quantity) for line in body.lines]
     invoice = await invoices.create(session, principal, requested)
-    response.headers["Location"] = str(request.url_for("read_invoice", invoice_id=invoice.id))
+    response.headers["Location"] = request.url_for("read_invoice", invoice_id=invoice.id).path
     return InvoiceRead.model_validate(invoice, from_attributes=True)
 
 
@@ -121,7 +121,7 @@ async def pay_invoice(
         store, session, f"billing.payments:{principal.user_id}", key,
         fingerprint(request.method, request.url.path, await request.body()), accept,
     )
-    headers = {"Location": str(request.url_for("read_payment", payment_id=stored.body["id"]))}
+    headers = {"Location": request.url_for("read_payment", payment_id=stored.body["id"]).path}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     return JSONResponse(stored.body, status_code=stored.status, headers=headers)

@@ -75,6 +75,7 @@ class TestCreateInvoice:
     ) -> None:
         body = {"lines": [{"item_id": await new_item(stack, admin), "quantity": 1}]}
         response = await stack.client.post(INVOICES, json=body, headers=alice)
+        assert response.headers["location"] == f"{INVOICES}/{response.json()['id']}"  # a path, as items'
         followed = await stack.client.get(response.headers["location"], headers=alice)
         assert followed.status_code == 200
         assert followed.json() == response.json()

@@ -114,7 +114,8 @@ class TestCreate:
         assert item["price"] == 1250
         assert item["currency"] == "EUR"
         assert item["updated_at"] >= item["created_at"]
-        assert response.headers["location"].endswith(f"/items/{item['id']}")
+        # A path-absolute reference: it resolves against the URL the client used, behind any proxy.
+        assert response.headers["location"] == f"{ITEMS}/{item['id']}"
         fetched = await get(client, item["id"])
         assert fetched.status_code == 200
         assert fetched.json() == item

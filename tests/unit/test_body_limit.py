@@ -135,10 +135,38 @@ class TestContentLength:
 
         assert sink.status == 200
 
-    async def test_a_body_longer_than_its_declared_length_is_still_counted(self) -> None:
+    async def test_an_http1_body_framed_by_its_length_passes_with_the_servers_own_receive(self) -> None:
+        """The server parses an HTTP/1 body by its Content-Length: nothing to count, nothing wrapped."""
+        app, source = EchoApp(), Source([b"x" * 40])
+
+        sink = await call(app, http_scope({"Content-Length": "40"}), source)
+
+        assert sink.status == 200
+        assert json.loads(sink.body) == {"length": 40}
+        assert app.receive is source
+
+    async def test_an_http2_body_longer_than_its_declared_length_is_still_counted(self) -> None:
         app, source = EchoApp(), Source([b"x" * 60] * 5)
 
-        sink = await call(app, http_scope({"Content-Length": "10"}), source)
+        sink = await call(app, http_scope({"Content-Length": "10"}, http_version="2"), source)
+
+        assert_refused(sink)
+        assert source.pulled == 2
+
+    async def test_several_lengths_leave_the_body_counted(self) -> None:
+        app, source = EchoApp(), Source([b"x" * 60] * 5)
+        scope = http_scope({})
+        scope["headers"] = [(b"content-length", b"10"), (b"content-length", b"10")]
+
+        sink = await call(app, scope, source)
+
+        assert_refused(sink)
+        assert source.pulled == 2
+
+    async def test_a_length_beside_chunked_framing_leaves_the_body_counted(self) -> None:
+        app, source = EchoApp(), Source([b"x" * 60] * 5)
+
+        sink = await call(app, http_scope({"Content-Length": "10", "Transfer-Encoding": "chunked"}), source)
 
         assert_refused(sink)
         assert source.pulled == 2
