@@ -9,8 +9,9 @@ export ATRIUM_VENV := $(VENV)
 
 .PHONY: run test lint migrate worker bench clean bootstrap services scale-out lock lowest canary
 
+# Arguments go to `atrium serve`: make run ARGS='--port 8001' (or '--host 0.0.0.0 --workers 2').
 run:
-	scripts/serve
+	scripts/serve $(ARGS)
 
 test:
 	scripts/test

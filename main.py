@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
+import getpass
 import os
 import signal
+import socket
 import sys
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TextIO
 
 from fastapi import FastAPI
 from loguru import logger
@@ -26,21 +29,24 @@ from config import ConfigError, Settings, load_settings
 from containers import build_container
 from core import fastpath
 from core.edge.body_limit import BodyLimitMiddleware
+from core.edge.docs import install_docs
 from core.edge.error_handlers import ErrorMiddleware, install_error_handlers
 from core.edge.errors import AppError
 from core.edge.health import router as health_router
 from core.edge.middleware import RequestContextMiddleware
+from core.edge.openapi import install_openapi, operation_id
 from core.edge.routes import add_routes, check_provided
 from core.messaging.outbox import OutboxMessage
 from core.messaging.queue import ping_broker
 from core.module import Module, ModuleError, load_modules, select_modules
 from core.observability.access_log import access_log
-from core.observability.logging import configure_logging
+from core.observability.logging import configure_logging, flush_logs
 from core.observability.metrics import disable_multiprocess, install_metrics, prepare_serve, serve_metrics
 from core.preflight import NotReady, check_broker, check_database
 from core.ratelimit.limiter import RateLimitMiddleware
 
 API_PREFIX = "/api/v1"
+DISTRIBUTION = "atrium"  # [project] name in pyproject.toml: what `atrium --version` reports
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -58,22 +64,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="A modular monolith: " + ", ".join(m.name for m in served),
         lifespan=_lifespan,
         root_path=settings.root_path,
+        docs_url=None,  # core.edge.docs serves /docs and /redoc offline
+        redoc_url=None,
         # FastAPI's native OpenTelemetry hook asks the global OTel providers (and os.environ) on
         # every request whether to trace; Atrium exports Prometheus metrics and configures no OTel
         # provider, so that was ~4% of a cached read for nothing (bench/README.md).
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        generate_unique_id_function=operation_id,  # "<module>.<endpoint>" (core/edge/openapi.py)
     )
     app.state.settings = settings
     app.state.container = container
     app.state.modules = modules
     app.state.providers = {}
     install_error_handlers(app)
+    install_openapi(app, container.rate_limits())  # every error documented as the envelope
 
     # One flat route table (core.edge.routes.add_routes): no nested routers to walk on every request.
     add_routes(app.router, health_router)
     for module in served:
         if module.router is not None:
             add_routes(app.router, module.router, prefix=API_PREFIX)
+    # /docs and /redoc with their assets served by the app (no CDN); after the API's routes, so
+    # an API request never asks them whether they match.
+    install_docs(app)
     check_provided(app.router, container)  # a Provided("...") typo fails here, not on a request
 
     # Added innermost first: RequestContext -> metrics -> ErrorMiddleware -> RateLimit -> BodyLimit
@@ -139,6 +152,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await container.shutdown_resources()  # disposes the pool, closes cache and broker
         logger.info("atrium stopped")
         access_log().flush()
+        flush_logs()  # uvicorn may end a worker by its signal next, which skips atexit
 
 
 _heap_frozen = False
@@ -277,6 +291,36 @@ async def change_user(settings: Settings, command: str, email: str, *, revoke: b
         await _shutdown_resources(container)
 
 
+class UsageError(Exception):
+    """A command line that cannot be carried out as given: one line, exit 2."""
+
+
+def admin_password(args: argparse.Namespace, stdin: TextIO | None = None,
+                   prompt: Callable[[str], str] = getpass.getpass) -> str:
+    """``create-admin``'s password: ``--password``, the first line of stdin (``--password-stdin``), or
+    typed twice at a prompt that does not echo it. The users module's rules apply afterwards."""
+    stdin = stdin or sys.stdin
+    if args.password is not None:
+        return str(args.password)
+    if args.password_stdin:
+        line = stdin.readline()
+        if not line:
+            raise UsageError("create-admin: --password-stdin: stdin is empty; pipe the password in, "
+                             "one line")
+        return line.removesuffix("\n").removesuffix("\r")
+    if not stdin.isatty():
+        raise UsageError("create-admin: no terminal to ask for the password; use --password-stdin "
+                         "(printf '%s\\n' \"$PW\" | atrium create-admin --email ... --password-stdin)")
+    try:
+        password = prompt("Password: ")
+        again = prompt("Password (again): ")
+    except EOFError:
+        raise UsageError("create-admin: no password typed") from None
+    if password != again:
+        raise UsageError("create-admin: the two passwords differ; nothing was created")
+    return password
+
+
 def describe_modules(modules: Sequence[Module]) -> str:
     lines: list[str] = []
     for module in modules:
@@ -309,50 +353,88 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's ``[project] name``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _setting(name: str) -> str:
+    """"ATRIUM_<NAME> or <its default>" for a help text: an option left out takes the setting."""
+    default = Settings.model_fields[name].default
+    shown = ",".join(default) if isinstance(default, tuple) else default
+    return f"ATRIUM_{name.upper()}" + (f" or {shown}" if shown not in ("", ()) else "")
+
+
 def _parser() -> argparse.ArgumentParser:
+    """The command line. Every option's help says its default (tests/test_cli_polish.py checks)."""
     parser = argparse.ArgumentParser(prog="atrium", description="Atrium modular monolith")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"atrium {_version()}",
+                        help="print the installed version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="the command to run")
     serve = sub.add_parser("serve", help="serve the API with uvicorn")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=_port)
-    serve.add_argument("--workers", type=_at_least_one, default=1)
-    serve.add_argument("--modules", help="serve only these modules' routes, e.g. users,items "
-                                         "(sets ATRIUM_API_MODULES; all enabled modules stay loaded)")
+    serve.add_argument("--host", help=f"the address to listen on (default: {_setting('host')})")
+    serve.add_argument("--port", type=_port, help=f"the TCP port to listen on (default: {_setting('port')})")
+    serve.add_argument("--workers", type=_at_least_one, default=1,
+                       help="API processes; more than 1 turns on multiprocess metrics (default: %(default)s)")
+    serve.add_argument("--modules", help="serve only these modules' routes, e.g. users,items; all enabled "
+                                         "modules stay loaded (default: ATRIUM_API_MODULES, else every "
+                                         "module of ATRIUM_MODULES)")
     worker = sub.add_parser("worker", help="run the job worker and the outbox relay")
-    worker.add_argument("--threads", type=_at_least_one)
-    worker.add_argument("--modules", help="run only these modules' actors, e.g. billing "
-                                          "(sets ATRIUM_WORKER_MODULES; the relay still routes every module)")
+    worker.add_argument("--threads", type=_at_least_one,
+                        help=f"job threads (default: {_setting('worker_threads')})")
+    worker.add_argument("--modules", help="run only these modules' actors, e.g. billing; the relay still "
+                                          "routes every module (default: ATRIUM_WORKER_MODULES, else every "
+                                          "module of ATRIUM_MODULES)")
     migrate = sub.add_parser("migrate", help="upgrade the database schema")
     migrate.add_argument("revision", nargs="?", default=None,
                          help="a revision such as items@head (default: core and every enabled module's head)")
     revision = sub.add_parser("revision", help="add a migration to a module's (or core's) own history")
     revision.add_argument("branch", help="a module name, or core")
-    revision.add_argument("-m", "--message", required=True)
+    revision.add_argument("-m", "--message", required=True, help="what the migration does (required)")
     revision.add_argument("--autogenerate", action="store_true",
-                          help="diff the models against the database (migrate it first)")
+                          help="diff the models against the database (migrate it first) (default: off, "
+                               "an empty migration)")
     scaffold = sub.add_parser("new-module", help="write a working module folder and its tests")
     scaffold.add_argument("name", help="snake_case, plural, e.g. notes")
     scaffold.add_argument("--entity", help="the singular used in code (default: derived, e.g. note)")
-    admin = sub.add_parser("create-admin", help="create an administrator account")
-    admin.add_argument("--email", required=True)
-    admin.add_argument("--password", required=True)
-    admin.add_argument("--full-name", default="Administrator")
+    admin = sub.add_parser("create-admin", help="create an administrator account; asks for the password "
+                                                "(twice) unless --password-stdin or --password")
+    admin.add_argument("--email", required=True, help="the administrator's email (required)")
+    given = admin.add_mutually_exclusive_group()
+    given.add_argument("--password-stdin", action="store_true",
+                       help="read the password from the first line of stdin, for scripts: printf '%%s\\n' "
+                            "\"$PW\" | atrium create-admin --email ... --password-stdin (default: off, "
+                            "prompt on the terminal)")
+    given.add_argument("--password", help="the password itself; it stays in your shell history and in the "
+                                          "process list: prefer the prompt or --password-stdin (default: "
+                                          "prompt on the terminal)")
+    admin.add_argument("--full-name", default="Administrator", help="the account's full name "
+                                                                    "(default: %(default)s)")
     disable = sub.add_parser("disable-user", help="disable an account and end its sessions (within 1 s)")
-    disable.add_argument("email")
+    disable.add_argument("email", help="the account's email")
     enable = sub.add_parser("enable-user", help="enable a disabled account (its user signs in again)")
-    enable.add_argument("email")
+    enable.add_argument("email", help="the account's email")
     role = sub.add_parser("set-admin", help="make an account an administrator (its tokens follow within 1 s)")
-    role.add_argument("email")
-    role.add_argument("--revoke", action="store_true", help="take the administrator role away instead")
+    role.add_argument("email", help="the account's email")
+    role.add_argument("--revoke", action="store_true",
+                      help="take the administrator role away instead (default: off, grant it)")
     listing = sub.add_parser("modules", help="list enabled modules, their routes, actors and tables")
-    checks = listing.add_subparsers(dest="modules_command")
+    checks = listing.add_subparsers(dest="modules_command", metavar="CHECK",
+                                    help="a check to run instead (default: none, list the modules)")
     verify = checks.add_parser("verify", help="check the module rules: cycles, imports, dependencies, "
                                               "actors, tables, container")
     verify.add_argument("--enabled", action="store_true",
-                        help="only ATRIUM_MODULES (default: every package under modules/)")
+                        help="only ATRIUM_MODULES (default: off, every package under modules/)")
     docs = checks.add_parser("docs", help="write docs/modules.md (diagram, routes, facades, events, ...)")
-    docs.add_argument("--check", action="store_true", help="exit 1 when the file is stale, write nothing")
-    docs.add_argument("--output", help="default: docs/modules.md next to main.py")
+    docs.add_argument("--check", action="store_true",
+                      help="exit 1 when the file is stale, write nothing (default: off, write it)")
+    docs.add_argument("--output",
+                      help="the file to write or check (default: docs/modules.md next to main.py)")
     return parser
 
 
@@ -361,7 +443,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         return _dispatch(args, settings)
-    except (ConfigError, ModuleError, NotReady) as exc:  # one line naming the setting
+    except (ConfigError, ModuleError, NotReady, UsageError) as exc:  # one line naming the setting
         print(f"atrium: {exc}", file=sys.stderr)
         return 2
     except AppError as exc:  # e.g. create-admin with a taken email or a weak password
@@ -384,6 +466,22 @@ def _database_failure(command: str, exc: SQLAlchemyError) -> tuple[int, str]:
     if database_unavailable(exc):
         return 2, f"ATRIUM_DATABASE_URL: the database stopped answering ({cause(exc)})"
     return 1, f"database error: {cause(exc)}"
+
+
+def check_listen(host: str, port: int) -> None:
+    """Bind ``host:port`` the way uvicorn will, and let go: a ``UsageError`` line instead of uvicorn's
+    "[Errno 98]" among its start-up lines (and make's "Error 3") when it cannot."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # uvicorn's too: TIME_WAIT is fine
+            probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"serve: port {port} on {host} is in use; pick another with --port "
+                             f"(make run ARGS='--port {port + 1 if port < 65535 else 8001}')") from None
+        reason = exc.strerror or str(exc)
+        raise UsageError(f"serve: cannot listen on {host}:{port} ({reason}); see --host and --port") from None
 
 
 def _exit_cleanly(signum: int, _frame: object) -> None:
@@ -455,9 +553,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             settings = load_settings(api_modules=args.modules)
             os.environ["ATRIUM_API_MODULES"] = ",".join(settings.api_modules)
         load_modules(settings.modules)  # fail fast, before uvicorn, with our one-line message
+        host, port = args.host or settings.host, args.port or settings.port
+        check_listen(host, port)
         if settings.auto_migrate:  # the app migrates at start: the database must answer now
             asyncio.run(check_database(settings.database_url, settings.database_connect_timeout))
-        port = args.port or settings.port
         prepare_serve(args.workers, settings.metrics_multiproc_dir, port)  # before any worker exists
         # uvicorn stops gracefully on SIGTERM/SIGINT (no new connections, in-flight requests
         # finish, lifespan shutdown) and then raises the signal again; a stop that was asked for
@@ -466,7 +565,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             signal.signal(stop_signal, _exit_cleanly)
         uvicorn.run(
             "main:create_app", factory=True,
-            host=args.host or settings.host, port=port, workers=args.workers,
+            host=host, port=port, workers=args.workers,
             log_config=None, access_log=False, server_header=False,
             # X-Forwarded-For is believed only from the proxies the settings trust (nginx, the
             # ingress); uvicorn's default would trust any local process.
@@ -495,16 +594,18 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         configure_logging(settings.log_level, settings.log_json, enqueue=False)
         asyncio.run(check_database(settings.database_url, settings.database_connect_timeout))
-        try:
-            upgrade(settings, args.revision)
+        try:  # one line per revision applied, as it is applied; alembic's own lines are DEBUG
+            applied = upgrade(settings, args.revision, report=lambda line: print(line, flush=True))
         except CommandError as exc:  # e.g. a revision that does not exist
             print(f"atrium: migrate: {str(exc).splitlines()[0]}", file=sys.stderr)
             return 2
-        print(f"database at {args.revision or 'head'} (core, {', '.join(settings.modules)})")
+        if not applied:
+            print(f"schema up to date ({args.revision or 'head'}: core, {', '.join(settings.modules)})")
         return 0
     if args.command == "create-admin":
+        password = admin_password(args)  # before any connection: a missing password costs nothing
         configure_logging(settings.log_level, settings.log_json, enqueue=False)
-        user = asyncio.run(create_admin(settings, args.email, args.password, args.full_name))
+        user = asyncio.run(create_admin(settings, args.email, password, args.full_name))
         print(f"admin created: {user.id} {user.email}")
         return 0
     if args.command in ("disable-user", "enable-user", "set-admin"):

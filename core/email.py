@@ -14,6 +14,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage as MimeMessage
+from email.utils import formatdate, make_msgid, parseaddr
 from typing import Protocol
 
 from loguru import logger
@@ -24,6 +25,29 @@ class EmailMessage:
     to: str
     subject: str
     body: str
+
+
+def sender_domain(sender: str) -> str:
+    """The domain of ``sender`` ("Atrium <no-reply@atrium.example>" -> "atrium.example"), for the
+    Message-ID; "localhost" when it has none. Never the machine's name: looking that up can take
+    seconds of DNS and says nothing a reader needs."""
+    _name, address = parseaddr(sender)
+    domain = address.rpartition("@")[2].strip()
+    return domain if "@" in address and domain else "localhost"
+
+
+def mime_message(sender: str, message: EmailMessage, domain: str | None = None) -> MimeMessage:
+    """The MIME mail for ``message``: From, To, Subject, a Date and a unique Message-ID (whose domain
+    is ``domain``, else the sender's). Without the last two, relays add their own or spam filters
+    mark the mail down."""
+    mime = MimeMessage()
+    mime["From"] = sender
+    mime["To"] = message.to
+    mime["Subject"] = message.subject
+    mime["Date"] = formatdate(usegmt=True)  # in UTC; formatdate() alone writes "-0000", "zone unknown"
+    mime["Message-ID"] = make_msgid(domain=domain or sender_domain(sender))
+    mime.set_content(message.body)
+    return mime
 
 
 class EmailSender(Protocol):
@@ -110,6 +134,7 @@ class SmtpEmailSender:
         password: str | None = None,
         starttls: bool = False,
         timeout: float = 10.0,
+        message_id_domain: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -118,14 +143,10 @@ class SmtpEmailSender:
         self._password = password
         self._starttls = starttls
         self._timeout = timeout
+        self._domain = message_id_domain  # None: the sender's domain
 
     def _mime(self, message: EmailMessage) -> MimeMessage:
-        mime = MimeMessage()
-        mime["From"] = self.sender
-        mime["To"] = message.to
-        mime["Subject"] = message.subject
-        mime.set_content(message.body)
-        return mime
+        return mime_message(self.sender, message, self._domain)
 
     def _deliver(self, mime: MimeMessage) -> None:
         with smtplib.SMTP(self.host, self.port, timeout=self._timeout) as smtp:

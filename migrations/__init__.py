@@ -3,19 +3,25 @@
 Each module owns its history in ``modules/<name>/migrations`` (a branch labelled with the module's
 name); core's tables (outbox, inbox, idempotency keys) live in ``migrations/versions`` (branch
 ``core``). A module can be added or removed without touching anyone else's migrations.
-``upgrade`` brings core and every enabled module to its head. Every module folder on disk is a
-version location, so a database that still carries a disabled module's revision stays readable.
+``upgrade`` brings core and every enabled module to its head and says which revisions it applied,
+one line each (alembic's own INFO lines are left to DEBUG: core.observability.logging). Every
+module folder on disk is a version location, so a database that still carries a disabled module's
+revision stays readable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
 
 if TYPE_CHECKING:
     from alembic.config import Config
+    from alembic.runtime.migration import MigrationInfo
 
     from config import Settings
 
@@ -62,14 +68,34 @@ def targets(settings: Settings) -> list[str]:
     return [f"{CORE_BRANCH}@head", *(f"{name}@head" for name in settings.modules if module_history(name))]
 
 
-def upgrade(settings: Settings, revision: str | None = None) -> None:
-    """Bring the database to ``revision`` (default: every enabled branch's head); blocking."""
+def upgrade(settings: Settings, revision: str | None = None,
+            report: Callable[[str], None] | None = None) -> list[str]:
+    """Bring the database to ``revision`` (default: every enabled branch's head); blocking.
+
+    Returns one line per revision applied (none: the schema was up to date), each also handed to
+    ``report`` (default: the log at INFO) once the history it belongs to is committed.
+    """
     from alembic import command
 
+    applied: list[str] = []
+    pending: list[str] = []
+    say = report or (lambda line: logger.info("migrate: {}", line))
+
+    def on_version_apply(*, step: MigrationInfo, **_: Any) -> None:  # alembic's hook, per step
+        if step.is_upgrade and step.is_migration:
+            doc = getattr(step.up_revision, "doc", None)  # a Script's message; a bare Revision has none
+            pending.append(f"applied {step.up_revision_id}" + (f" ({doc})" if doc else ""))
+
     config = alembic_config(settings)
+    config.attributes["on_version_apply"] = on_version_apply  # read by env.py
     adopt_legacy_history(config, settings)
     for target in [revision] if revision else targets(settings):
-        command.upgrade(config, target)
+        command.upgrade(config, target)  # one transaction per history where the database allows
+        for line in pending:
+            say(line)
+        applied += pending
+        pending.clear()
+    return applied
 
 
 def downgrade(settings: Settings, revision: str) -> None:

@@ -28,6 +28,7 @@ def _run(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",  # SQLite cannot ALTER most things
         compare_type=True,
+        on_version_apply=config.attributes.get("on_version_apply"),  # upgrade() reports each step
     )
     with context.begin_transaction():
         context.run_migrations()

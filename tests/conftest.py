@@ -6,6 +6,7 @@ there, never from a conftest.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from config import Settings
 from core.db.engine import create_engine
+from tests.support.cli import copy_of, migrated_sqlite
 from tests.support.db import (
     copy_sqlite_database,
     create_pg_database,
@@ -25,6 +27,11 @@ from tests.support.db import (
 )
 from tests.support.services import postgres_dsn, require
 from tests.support.settings import make_settings
+
+# A developer's .env (the README's "Add a module" walkthrough writes one) must not reach the tests,
+# nor the processes they start: python-dotenv's switch, which config.load_settings honours too.
+# Tests of the .env file itself take it off (monkeypatch.delenv).
+os.environ["PYTHON_DOTENV_DISABLED"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -130,3 +137,17 @@ def private_sqlite_url(migrated_sqlite_template: Path, tmp_path: Path) -> Iterat
         yield sqlite_dsn(path)
     finally:
         remove_sqlite_database(path)
+
+
+# --- the CLI's create-admin tests (tests/test_cli.py, tests/test_cli_polish.py) -------------------
+
+
+@pytest.fixture(scope="module")
+def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ``atrium migrate`` per test module on a SQLite file; each test gets a copy of it."""
+    return migrated_sqlite(tmp_path_factory.mktemp("template") / "admin.db")
+
+
+@pytest.fixture
+def migrated_db(tmp_path: Path, migrated_template: Path) -> Path:
+    return copy_of(migrated_template, tmp_path / "admin.db")

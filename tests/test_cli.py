@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 
 from core.security import PasswordHasher
 from migrations import downgrade
-from tests.support.cli import run_cli
+from tests.support.cli import ok, run_cli, sqlite_file_url
 from tests.support.db import table_names
 from tests.support.paused import paused
 from tests.support.pg_cluster import PgCluster, require_pg_cluster
@@ -33,13 +32,6 @@ SCHEMA = {"users", "outbox_messages", "inbox_messages", "alembic_version"}
 ADMIN_PASSWORD = "correct horse battery staple"
 
 
-def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def sqlite_file_url(path: Path) -> str:
-    return f"sqlite+aiosqlite:///{path}"
 
 
 def query(path: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -65,7 +57,9 @@ async def test_migrate_creates_the_schema_on_a_fresh_sqlite_file(tmp_path: Path)
 
     result = ok(run_cli("migrate", database_url=url))
 
-    assert "database at head" in result.stdout
+    applied = [line.split()[1] for line in result.stdout.splitlines()]  # "applied <revision> (<message>)"
+    assert {"core_0001", "users_0001"} <= set(applied)
+    assert set(applied) >= head_revisions()
     assert path.exists()
     assert await table_names(url) >= SCHEMA
     assert {row[0] for row in query(path, "SELECT version_num FROM alembic_version")} == head_revisions()
@@ -76,8 +70,10 @@ async def test_migrate_twice_on_sqlite_is_harmless(tmp_path: Path) -> None:
     url = sqlite_file_url(path)
     ok(run_cli("migrate", database_url=url))
 
-    ok(run_cli("migrate", database_url=url))
+    again = ok(run_cli("migrate", database_url=url))
 
+    assert again.stdout.startswith("schema up to date")
+    assert len(again.stdout.splitlines()) == 1
     assert await table_names(url) >= SCHEMA
     assert len(query(path, "SELECT version_num FROM alembic_version")) == len(head_revisions())
 
@@ -159,9 +155,14 @@ def test_a_bad_production_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
 
 
 def test_modules_verify_passes_on_the_project(tmp_path: Path) -> None:
+    from tooling.verify import discover
+
     result = ok(run_cli("modules", "verify", database_url=sqlite_file_url(tmp_path / "unused.db")))
 
-    assert result.stdout.startswith("modules verify: ok (billing, items, users; rules: load, cycle, import")
+    # Every module package on disk, so a module added by the README's "Add a module" counts too.
+    on_disk = discover()
+    assert set(make_settings().modules) <= set(on_disk)
+    assert result.stdout.startswith(f"modules verify: ok ({', '.join(on_disk)}; rules: load, cycle, import")
     assert not (tmp_path / "unused.db").exists()
 
 
@@ -235,21 +236,6 @@ def test_a_billing_only_worker_runs_only_the_billing_actors(tmp_path: Path) -> N
 
 
 # --- create-admin ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One ``atrium migrate`` for the module; each test gets a copy of the file."""
-    path = tmp_path_factory.mktemp("template") / "admin.db"
-    ok(run_cli("migrate", database_url=sqlite_file_url(path)))
-    return path
-
-
-@pytest.fixture
-def migrated_db(tmp_path: Path, migrated_template: Path) -> Path:
-    path = tmp_path / "admin.db"
-    shutil.copyfile(migrated_template, path)
-    return path
 
 
 def test_create_admin_creates_an_administrator(migrated_db: Path) -> None:
@@ -493,6 +479,14 @@ def test_every_command_refuses_a_bad_setting_alike(
     assert not database.exists()
 
 
+@pytest.fixture
+def dotenv_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the .env file itself: the suite's switch that keeps a developer's .env
+    away from the commands the tests run (tests/conftest.py) is off for them."""
+    monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)
+
+
+@pytest.mark.usefixtures("dotenv_read")
 def test_a_dotenv_line_that_is_not_a_setting_is_one_line(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("# local settings\nATRIUM_PORT=8001\nthis is not a setting\n")
 
@@ -501,6 +495,7 @@ def test_a_dotenv_line_that_is_not_a_setting_is_one_line(tmp_path: Path) -> None
     assert one_line(result) == "atrium: .env line 3: not NAME=value (a comment starts with #)"
 
 
+@pytest.mark.usefixtures("dotenv_read")
 def test_a_bad_value_in_dotenv_is_the_same_line_as_in_the_environment(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text(f"ATRIUM_REDIS_URL=http://cache:{PASSWORD}@cache:6379/0\n")
 
@@ -509,6 +504,7 @@ def test_a_bad_value_in_dotenv_is_the_same_line_as_in_the_environment(tmp_path: 
     assert one_line(result).startswith("atrium: ATRIUM_REDIS_URL: http:// does not work; expected redis://")
 
 
+@pytest.mark.usefixtures("dotenv_read")
 def test_a_dotenv_file_that_is_not_text_is_one_line(tmp_path: Path) -> None:
     (tmp_path / ".env").write_bytes(b"ATRIUM_PORT=8001\n\xff\xfe\x00garbage\n")
 

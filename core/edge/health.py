@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from loguru import logger
 
 from core.edge.error_handlers import error_response
+from core.edge.openapi import errors
 from core.edge.routes import FlatRoute
 
 Check = Callable[[], Awaitable[None]]
@@ -23,7 +24,7 @@ async def live() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", responses={503: {"description": "a dependency is down"}})
+@router.get("/ready", responses=errors({503: "not_ready"}))  # details.checks names what is down
 async def ready(request: Request) -> object:
     """Every backing service answers within its timeout; 503 names the ones that did not."""
     checks: dict[str, Check] = request.app.state.health_checks

@@ -80,12 +80,27 @@ class Claim:
 
 
 KEY_MAX = 255
+KEY_HEADER = "Idempotency-Key"
+KEY_PATTERN = "^[!-~]+$"  # visible ASCII: what check_key accepts, as a JSON Schema pattern
+
+# The header as the OpenAPI document states it, for a route that calls ``check_key`` (its
+# ``openapi_extra``): required, whereas the route reads it as optional so that a missing key is the
+# contract's 400 ``idempotency_key_required`` rather than a 422.
+KEY_PARAMETER: dict[str, Any] = {
+    "in": "header",
+    "name": KEY_HEADER,
+    "required": True,
+    "description": f"1 to {KEY_MAX} visible ASCII characters, chosen by the client per intended effect: "
+                   "a retry with the same key and body replays the first answer",
+    "schema": {"type": "string", "minLength": 1, "maxLength": KEY_MAX, "pattern": KEY_PATTERN,
+               "examples": ["order-1234-attempt-1"]},
+}
 
 
 def check_key(key: str | None) -> str:
     """The ``Idempotency-Key`` header of a route that requires one: 1-255 visible ASCII characters."""
     if key is None or key == "":
-        raise BadRequest("This request requires an Idempotency-Key header.", code="idempotency_key_required")
+        raise BadRequest(f"This request requires an {KEY_HEADER} header.", code="idempotency_key_required")
     if len(key) > KEY_MAX or not all("!" <= ch <= "~" for ch in key):
         raise BadRequest(f"The Idempotency-Key must be 1 to {KEY_MAX} visible ASCII characters.",
                          code="invalid_idempotency_key")

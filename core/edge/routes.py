@@ -12,11 +12,14 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.routing import APIRoute
 from loguru import logger
 from sqlalchemy.ext.asyncio import AsyncSession
-from starlette.routing import Match
-from starlette.types import Scope
+from starlette.exceptions import HTTPException
+from starlette.responses import PlainTextResponse
+from starlette.routing import BaseRoute, Match
+from starlette.types import Receive, Scope, Send
 
 from core.db.engine import database_unavailable
 from core.db.session import commit, rollback
+from core.edge.openapi import with_codes
 from core.edge.provided import lookup, provide, provided_path
 from core.module import ModuleError
 
@@ -53,6 +56,40 @@ def add_routes(target: APIRouter, source: APIRouter, prefix: str = "") -> None:
         added = target.routes[-1]
         if isinstance(added, FlatRoute):
             added.table = target
+    _index_methods(target)
+
+
+def _index_methods(table: APIRouter) -> None:
+    """Tell each flat route of ``table`` every method its path accepts: the ``Allow`` of its 405.
+
+    Starlette answers 405 from the first route whose path matched, with that route's methods only
+    (``GET /items/{id}`` said ``Allow: GET`` although PATCH and DELETE exist). The sets are made
+    here, once per route added, so a request that matches pays nothing for them. Routes whose
+    templates may match the same request path (``/users/me`` and ``/users/{id}``) are noted too; a
+    405 asks them whether they match (FlatRoute.allow).
+    """
+    by_path: dict[str, set[str]] = {}
+    for route in table.routes:
+        path, methods = getattr(route, "path", None), getattr(route, "methods", None)
+        if isinstance(path, str) and methods:
+            by_path.setdefault(path, set()).update(methods)
+    for route in table.routes:
+        if isinstance(route, FlatRoute) and route.table is table:
+            route.allowed = frozenset(by_path.get(route.path, ()))
+            route.overlapping = tuple(
+                other for other in table.routes
+                if getattr(other, "methods", None) and getattr(other, "path", route.path) != route.path
+                and _may_share_a_path(route.path, str(getattr(other, "path", "")))
+            )
+
+
+def _may_share_a_path(a: str, b: str) -> bool:
+    """Whether two path templates may match one request path: a cheap check that errs towards yes."""
+    if ":path}" in a or ":path}" in b:
+        return True
+    first, second = a.split("/"), b.split("/")
+    return len(first) == len(second) and all(
+        x == y or "{" in x or "{" in y for x, y in zip(first, second, strict=True))
 
 
 class FlatRoute(APIRoute):
@@ -64,9 +101,17 @@ class FlatRoute(APIRoute):
     part (up to its first parameter). The shortcut is taken only when the request is dispatched by
     the table the route was added to (``add_routes`` sets ``table``): reached any other way (an
     included router, whose prefix the route's path lacks; a mounting app) the route checks in full.
+
+    Dispatched by its table, a request whose method the path lacks is a 405 whose ``Allow`` names
+    every method of the path (``allowed``, ``overlapping``: set by ``add_routes``), not only this
+    route's; routes added to the table by other means than ``add_routes`` are not counted.
     """
 
     table: APIRouter | None = None
+    # Set by add_routes (_index_methods): every method of this route's path in its table, and the
+    # routes of the table whose templates may match the same request paths.
+    allowed: frozenset[str] = frozenset()
+    overlapping: tuple[BaseRoute, ...] = ()
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().__init__(path, endpoint, **kwargs)
@@ -84,6 +129,29 @@ class FlatRoute(APIRoute):
 
     def _fits(self, path: str) -> bool:
         return path == self._literal if self._exact else path.startswith(self._literal)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The router hands a route a request whose method it lacks only when no route matched the
+        # request in full. Dispatched by its own table, that is a 405 naming every method of the
+        # path, not only this route's; everything else is FastAPI's own handling.
+        if (self.methods and scope["method"] not in self.methods
+                and self.table is not None and scope.get("router") is self.table):
+            headers = {"Allow": self.allow(scope)}
+            if "app" in scope:  # the app's exception handlers render it (the error envelope)
+                raise HTTPException(status_code=405, headers=headers)
+            response = PlainTextResponse("Method Not Allowed", status_code=405, headers=headers)
+            await response(scope, receive, send)
+            return
+        await super().handle(scope, receive, send)
+
+    def allow(self, scope: Scope) -> str:
+        """The ``Allow`` header of a 405 for ``scope``: every method any route of the table accepts
+        on its path, sorted."""
+        methods = set(self.allowed or self.methods or ())
+        for other in self.overlapping:
+            if other.matches(scope)[0] is not Match.NONE:
+                methods.update(getattr(other, "methods", None) or ())
+        return ", ".join(sorted(methods))
 
 
 _SESSION = "atrium.db_session"  # kept in the ASGI scope: one per request
@@ -212,6 +280,10 @@ class TransactionalRoute(FlatRoute):
     around = staticmethod(_transactional)  # what wraps any handler of the route (the fast path's too)
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        # Its use case reaches the database (and the cache, the broker): when they are away,
+        # ErrorMiddleware answers 503 service_unavailable. Documented by the route itself, so the
+        # document says so however the route is mounted.
+        kwargs["responses"] = with_codes(kwargs.get("responses"), 503, "service_unavailable")
         super().__init__(path, _resolve_provided(endpoint), **kwargs)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:

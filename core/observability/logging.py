@@ -1,16 +1,25 @@
 """Loguru for everything: readable lines in development, JSON lines in production.
 
-Every record carries the request id of the work that produced it. The sink is ``enqueue=True``:
-records go through a queue to a writer thread, so the request path never waits on log I/O.
-stdlib loggers (uvicorn, SQLAlchemy, dramatiq, alembic) are routed through the same sink.
+Every record carries the request id of the work that produced it. With ``enqueue=True`` (the
+servers) a formatted line goes into an in-process queue and a writer thread writes it, so the
+request path never waits on log I/O. That queue is a thread queue, not loguru's own ``enqueue``:
+loguru's is built for several processes and holds 8 named multiprocessing semaphores per sink, and
+a uvicorn worker ends by re-raising SIGTERM, which skips their cleanup, so every stop of
+``atrium serve --workers N`` ended in "resource_tracker: There appear to be 8*N leaked semaphore
+objects".
+stdlib loggers (uvicorn, SQLAlchemy, dramatiq, alembic) are routed through the same sink. Above
+DEBUG, alembic and SQLAlchemy's pool keep to warnings.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import sys
+import threading
 import traceback
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 from loguru import logger
@@ -59,17 +68,109 @@ def _json_line(record: Any) -> str:
     return "{extra[_json]}\n"
 
 
+class _WriterThread:
+    """A loguru sink stream: ``write`` only queues the line; a daemon thread writes it to ``stream``.
+
+    loguru calls ``stop`` when the sink is removed (by the next ``configure_logging`` and at exit),
+    which writes what is still queued. ``finish`` does the same for a process that is about to end
+    without running ``atexit`` (a uvicorn worker re-raises SIGTERM): later lines are written at once.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # None: stop
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        self._direct = False  # after ``finish``: no thread, each line written as it comes
+
+    def isatty(self) -> bool:  # loguru colours the text format for a terminal only
+        try:
+            return bool(self._stream.isatty())
+        except (AttributeError, ValueError):
+            return False
+
+    def write(self, message: str) -> None:
+        if self._direct:
+            self._write(str(message))
+            return
+        if self._pid != os.getpid():  # first line, or a forked child: the thread is not there
+            self._start()
+        self._lines.put(str(message))  # the text only: the record stays behind
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._pid != os.getpid():
+                if self._pid:  # a forked child: what the parent had queued is the parent's to write
+                    self._lines = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+                self._thread.start()
+                self._pid = os.getpid()
+
+    def _run(self) -> None:
+        while True:
+            item = self._lines.get()
+            batch: list[str] = []
+            stop = False
+            while True:  # everything already waiting goes out in one write
+                if item is None:
+                    stop = True
+                else:
+                    batch.append(item)
+                try:
+                    item = self._lines.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._write("".join(batch))
+            if stop:
+                return
+
+    def _write(self, text: str) -> None:
+        try:
+            self._stream.write(text)
+            self._stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: these lines are gone
+            pass
+
+    def finish(self) -> None:
+        """Write what is queued; from now on write each line at once, on the caller's thread."""
+        self._direct = True
+        self.stop()
+
+    def stop(self) -> None:
+        thread = self._thread
+        if thread is None or self._pid != os.getpid():
+            return
+        self._lines.put(None)
+        if thread is not threading.current_thread():
+            thread.join(timeout=5)
+        self._thread = None
+        self._pid = 0
+
+
+_writer: _WriterThread | None = None
+
+
+def flush_logs() -> None:
+    """Write every queued log line now, and later ones as they come: for the end of a process that
+    may end by a signal, skipping ``atexit`` (uvicorn re-raises SIGTERM after its shutdown)."""
+    if _writer is not None:
+        _writer.finish()
+
+
 def configure_logging(level: str = "INFO", json: bool = False, enqueue: bool = True) -> None:
     """Install the single sink (and the access log, same stream and format, at INFO and below);
     safe to call more than once (tests build several apps)."""
-    logger.remove()
+    global _writer
+    logger.remove()  # stops the previous writer thread, once it has written what it holds
     logger.configure(patcher=_patch, extra={"request_id": "-"})
+    _writer = _WriterThread(sys.stderr) if enqueue else None
+    sink: Any = _writer if _writer is not None else sys.stderr
     if json:
-        logger.add(sys.stderr, level=level, format=_json_line, enqueue=enqueue, backtrace=False,
-                   diagnose=False)
+        logger.add(sink, level=level, format=_json_line, backtrace=False, diagnose=False)
     else:
-        logger.add(sys.stderr, level=level, format=_DEV_FORMAT, enqueue=enqueue, backtrace=False,
-                   diagnose=False, colorize=None)
+        logger.add(sink, level=level, format=_DEV_FORMAT, backtrace=False, diagnose=False, colorize=None)
     # The stdlib levels must match ours: a root level of 0 would make uvicorn believe TRACE is
     # on and wrap every connection in its message logger (a tenth of the request cost).
     std_level = logging.getLevelName(level) if isinstance(logging.getLevelName(level), int) else logging.INFO
@@ -83,7 +184,12 @@ def configure_logging(level: str = "INFO", json: bool = False, enqueue: bool = T
     access_log.configure(json=json, enabled=logger.level(level.upper()).no <= logger.level("INFO").no)
     # Our middleware writes the access log (core.observability.access_log); uvicorn's would duplicate it.
     logging.getLogger("uvicorn.access").disabled = True
-    # SQLAlchemy turns on its (very chatty) mapper and pool logging when INFO is enabled; SQL
-    # echo has its own switch (ATRIUM_DATABASE_ECHO).
+    # SQLAlchemy turns on its (very chatty) mapper and SQL logging when INFO is enabled: SQL echo has
+    # its own switch (ATRIUM_DATABASE_ECHO). Its pool ("Pool disposed", "Pool recreating") and
+    # alembic ("Context impl ...", "Will assume transactional DDL", "setup plugin ...", for every
+    # history it runs) speak at DEBUG only; `atrium migrate` reports the revisions it applied itself.
+    debug = std_level <= logging.DEBUG
     logging.getLogger("sqlalchemy").setLevel(logging.WARNING)
+    logging.getLogger("sqlalchemy.pool").setLevel(logging.INFO if debug else logging.WARNING)
+    logging.getLogger("alembic").setLevel(std_level if debug else max(std_level, logging.WARNING))
     logging.getLogger("pika").setLevel(logging.WARNING)

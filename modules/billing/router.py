@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from core.edge.auth import CurrentPrincipal
 from core.edge.errors import BadRequest
-from core.edge.idempotency import IdempotencyStore, StoredResponse, check_key, fingerprint, run_once
+from core.edge.idempotency import (
+    KEY_HEADER,
+    KEY_PARAMETER,
+    IdempotencyStore,
+    StoredResponse,
+    check_key,
+    fingerprint,
+    run_once,
+)
+from core.edge.openapi import errors
 from core.edge.pagination import Cursor
 from core.edge.provided import Provided
 from core.edge.routes import DbSession, TransactionalRoute
-from modules.billing.adapters.gateway import InvalidWebhook, PaymentGateway
+from modules.billing.adapters.gateway import (
+    SIGNATURE_HEADER,
+    SIGNATURE_TOLERANCE_SECONDS,
+    InvalidWebhook,
+    PaymentGateway,
+)
 from modules.billing.schemas import (
     InvoiceCreate,
     InvoicePage,
@@ -22,6 +36,7 @@ from modules.billing.schemas import (
     PaymentCreate,
     PaymentList,
     PaymentRead,
+    WebhookReceipt,
 )
 from modules.billing.service.invoices import InvoiceService
 from modules.billing.service.payments import PaymentService
@@ -32,14 +47,23 @@ Payments = Annotated[PaymentService, Provided("billing.payments")]
 Idempotency = Annotated[IdempotencyStore, Provided("billing.idempotency")]
 Gateway = Annotated[PaymentGateway, Provided("billing.payment_gateway")]
 
-_OWNED: dict[int | str, dict[str, Any]] = {
-    401: {"description": "not authenticated"},
-    404: {"description": "not found (or not yours)"},
+# Someone else's invoice or payment is a 404 like one that does not exist (a 401 without a live
+# session comes with the bearer scheme, core.edge.openapi).
+_OWNED = {404: "not_found"}
+_CURSOR = {400: "invalid_cursor"}
+# The gateway's signature of a webhook delivery (adapters/gateway.py verifies it).
+_SIGNATURE = {
+    "in": "header", "name": SIGNATURE_HEADER, "required": True,
+    "description": f't=<unix seconds>,v1=<hex HMAC-SHA256 of "t." + body>; at most '
+                   f"{SIGNATURE_TOLERANCE_SECONDS} s old",
+    "schema": {"type": "string", "examples": ["t=1767225600,v1=" + "6f1b2d55e5c3a1c2" * 4]},
 }
 
 
 @router.post("/invoices", status_code=201, response_model=InvoiceRead,
-             responses={401: _OWNED[401], 422: {"description": "unknown_items, mixed_currencies, ..."}})
+             responses=errors({422: ["validation_error", "invalid_lines", "duplicate_items",
+                                     "invalid_quantity", "unknown_items", "mixed_currencies",
+                                     "total_too_large"]}))
 async def create_invoice(body: InvoiceCreate, principal: CurrentPrincipal, session: DbSession,
                          invoices: Invoices, request: Request, response: Response) -> InvoiceRead:
     """Open an invoice for the caller, priced from the catalog at this moment."""
@@ -49,7 +73,7 @@ async def create_invoice(body: InvoiceCreate, principal: CurrentPrincipal, sessi
     return InvoiceRead.model_validate(invoice, from_attributes=True)
 
 
-@router.get("/invoices", response_model=InvoicePage, responses={401: _OWNED[401]})
+@router.get("/invoices", response_model=InvoicePage, responses=errors(_CURSOR))
 async def list_invoices(
     principal: CurrentPrincipal,
     session: DbSession,
@@ -64,7 +88,7 @@ async def list_invoices(
                        next_cursor=next_cursor)
 
 
-@router.get("/invoices/{invoice_id}", response_model=InvoiceRead, responses=_OWNED)
+@router.get("/invoices/{invoice_id}", response_model=InvoiceRead, responses=errors(_OWNED))
 async def read_invoice(invoice_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession,
                        invoices: Invoices) -> InvoiceRead:
     """One invoice: its owner's or, for an admin, anyone's."""
@@ -73,7 +97,7 @@ async def read_invoice(invoice_id: uuid.UUID, principal: CurrentPrincipal, sessi
 
 
 @router.post("/invoices/{invoice_id}/void", response_model=InvoiceRead,
-             responses={**_OWNED, 409: {"description": "invalid_transition, payment_in_progress"}})
+             responses=errors({**_OWNED, 409: ["invalid_transition", "payment_in_progress"]}))
 async def void_invoice(invoice_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession,
                        invoices: Invoices) -> InvoiceRead:
     """Cancel an open invoice (its owner or an admin)."""
@@ -85,12 +109,16 @@ async def void_invoice(invoice_id: uuid.UUID, principal: CurrentPrincipal, sessi
     "/invoices/{invoice_id}/payments",
     status_code=202,
     response_model=PaymentRead,
-    responses={
+    responses=errors({
         **_OWNED,
-        400: {"description": "idempotency_key_required, invalid_idempotency_key"},
-        409: {"description": "invoice_not_open, payment_in_progress, idempotency_request_in_progress"},
-        422: {"description": "idempotency_key_reused"},
-    },
+        400: ["idempotency_key_required", "invalid_idempotency_key"],
+        409: ["invoice_not_open", "nothing_to_pay", "payment_in_progress", "idempotency_request_in_progress",
+              "idempotency_claim_lost"],
+        422: ["validation_error", "idempotency_key_reused"],
+    }),
+    # The header is read here as optional so that its absence is the contract's 400, not a 422; the
+    # document states what the server requires.
+    openapi_extra={"parameters": [KEY_PARAMETER]},
 )
 async def pay_invoice(
     invoice_id: uuid.UUID,
@@ -102,9 +130,7 @@ async def pay_invoice(
     request: Request,
     # Checked by check_key (400, not 422: the contract's codes): 1-255 visible ASCII characters, so
     # nothing a column or a log line cannot hold is ever stored.
-    idempotency_key: Annotated[str | None, Header(
-        alias="Idempotency-Key", description="required: 1 to 255 visible ASCII characters",
-        examples=["order-1234-attempt-1"])] = None,
+    idempotency_key: Annotated[str | None, Header(alias=KEY_HEADER, include_in_schema=False)] = None,
 ) -> Response:
     """Pay the whole invoice; answers 202 ``pending`` at once and a job charges the gateway.
 
@@ -127,7 +153,7 @@ async def pay_invoice(
     return JSONResponse(stored.body, status_code=stored.status, headers=headers)
 
 
-@router.get("/invoices/{invoice_id}/payments", response_model=PaymentList, responses=_OWNED)
+@router.get("/invoices/{invoice_id}/payments", response_model=PaymentList, responses=errors(_OWNED))
 async def list_invoice_payments(invoice_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession,
                                 payments: Payments) -> PaymentList:
     """Every payment attempt on an invoice, oldest first."""
@@ -135,20 +161,22 @@ async def list_invoice_payments(invoice_id: uuid.UUID, principal: CurrentPrincip
     return PaymentList(payments=[PaymentRead.model_validate(p) for p in found])
 
 
-@router.get("/payments/{payment_id}", response_model=PaymentRead, responses=_OWNED)
+@router.get("/payments/{payment_id}", response_model=PaymentRead, responses=errors(_OWNED))
 async def read_payment(payment_id: uuid.UUID, principal: CurrentPrincipal, session: DbSession,
                        payments: Payments) -> PaymentRead:
     """One payment: its owner's or, for an admin, anyone's."""
     return PaymentRead.model_validate(await payments.get_visible(session, principal, payment_id))
 
 
-@router.post("/webhooks/payment-gateway", responses={400: {"description": "invalid_signature"}})
+@router.post("/webhooks/payment-gateway", response_model=WebhookReceipt,
+             responses=errors({400: "invalid_signature", 413: "payload_too_large"}),
+             openapi_extra={"parameters": [_SIGNATURE]})
 async def gateway_webhook(request: Request, session: DbSession, payments: Payments,
-                          gateway: Gateway) -> dict[str, bool]:
+                          gateway: Gateway) -> WebhookReceipt:
     """The gateway's signed notice of a late charge result; each event is applied once."""
     try:
         event = gateway.parse_webhook(await request.body(), request.headers)
     except InvalidWebhook as exc:
         raise BadRequest(f"The webhook could not be verified: {exc}.", code="invalid_signature") from None
     await payments.apply_webhook(session, event)
-    return {"received": True}
+    return WebhookReceipt(received=True)

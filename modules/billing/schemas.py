@@ -92,6 +92,12 @@ class PaymentList(BaseModel):
     payments: list[PaymentRead]
 
 
+class WebhookReceipt(BaseModel):
+    """The answer to the gateway: the delivery was verified and recorded (applied once)."""
+
+    received: bool
+
+
 class ChargePayment(BaseModel):
     """Payload of the ``billing.charge_payment`` job."""
 

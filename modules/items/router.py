@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
 from core.edge.auth import AdminPrincipal
 from core.edge.errors import Unprocessable
+from core.edge.openapi import errors
 from core.edge.pagination import Cursor
 from core.edge.provided import Provided
 from core.edge.routes import DbSession, ReadSession, TransactionalRoute
@@ -20,10 +21,8 @@ from modules.items.service import ItemFilters, ItemService
 router = APIRouter(prefix="/items", tags=["items"], route_class=TransactionalRoute)
 Service = Annotated[ItemService, Provided("items.service")]
 
-_ADMIN: dict[int | str, dict[str, Any]] = {
-    401: {"description": "not authenticated"},
-    403: {"description": "not an admin"},
-}
+_ADMIN = {403: "forbidden"}  # not an admin (a missing or dead token: 401, added with the bearer scheme)
+_NOT_FOUND = {404: "not_found"}
 _JSON = "application/json"
 
 
@@ -38,7 +37,7 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
     return "*" in candidates or etag in candidates
 
 
-@router.post("", status_code=201, response_model=ItemRead, responses=_ADMIN)
+@router.post("", status_code=201, response_model=ItemRead, responses=errors(_ADMIN))
 async def create_item(
     body: ItemCreate,
     _: AdminPrincipal,
@@ -56,7 +55,7 @@ async def create_item(
     return ItemRead.model_validate(item)
 
 
-@router.get("", response_model=ItemPage, responses={400: {"description": "invalid_cursor"}})
+@router.get("", response_model=ItemPage, responses=errors({400: "invalid_cursor"}))
 async def list_items(
     session: ReadSession,  # a public catalog page may lag a write by the replication delay
     service: Service,
@@ -87,7 +86,7 @@ _IF_NONE_MATCH = {"in": "header", "name": "if-none-match", "required": False,
 @router.get(
     "/{item_id}",
     response_model=ItemRead,
-    responses={304: {"description": "not modified"}, 404: {"description": "not found"}},
+    responses={304: {"description": "not modified"}, **errors(_NOT_FOUND)},
     openapi_extra={"parameters": [_IF_NONE_MATCH]},
 )
 async def read_item(item_id: uuid.UUID, service: Service, request: Request) -> Response:
@@ -100,7 +99,7 @@ async def read_item(item_id: uuid.UUID, service: Service, request: Request) -> R
     return Response(body, media_type=_JSON, headers=headers)
 
 
-@router.patch("/{item_id}", response_model=ItemRead, responses={**_ADMIN, 404: {"description": "not found"}})
+@router.patch("/{item_id}", response_model=ItemRead, responses=errors({**_ADMIN, **_NOT_FOUND}))
 async def update_item(
     item_id: uuid.UUID, body: ItemUpdate, _: AdminPrincipal, session: DbSession, service: Service
 ) -> ItemRead:
@@ -108,7 +107,7 @@ async def update_item(
     return ItemRead.model_validate(await service.update(session, item_id, body))
 
 
-@router.delete("/{item_id}", status_code=204, responses={**_ADMIN, 404: {"description": "not found"}})
+@router.delete("/{item_id}", status_code=204, responses=errors({**_ADMIN, **_NOT_FOUND}))
 async def delete_item(
     item_id: uuid.UUID, _: AdminPrincipal, session: DbSession, service: Service
 ) -> Response:

@@ -13,8 +13,9 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from core.edge.openapi import not_nullable
 from core.edge.types import MULTI_LINE, ONE_LINE, Int64
-from modules.items.domain import DESCRIPTION_MAX, NAME_MAX, PRICE_MAX, is_currency
+from modules.items.domain import CURRENCIES, DESCRIPTION_MAX, NAME_MAX, PRICE_MAX, is_currency
 
 
 def _currency(code: str) -> str:
@@ -31,8 +32,11 @@ Description = Annotated[str, StringConstraints(strip_whitespace=True, max_length
 # PRICE_MAX (domain) is far inside the column's range; Int64 states the column.
 Price = Annotated[Int64, Field(ge=0, le=PRICE_MAX, strict=True, description="integer minor units, e.g. cents",
                                examples=[1999])]
+# The document lists the codes the server accepts (the domain's CURRENCIES); a lower-case code is
+# accepted too and stored upper-case, but clients are told the canonical form.
 Currency = Annotated[str, StringConstraints(min_length=3, max_length=3), ONE_LINE, AfterValidator(_currency),
-                     Field(examples=["EUR"])]
+                     Field(examples=["EUR"], description="an active ISO 4217 code (case-insensitive)",
+                           json_schema_extra={"enum": sorted(CURRENCIES)})]
 
 
 class ItemCreate(BaseModel):
@@ -47,7 +51,8 @@ class ItemCreate(BaseModel):
 class ItemUpdate(BaseModel):
     """Partial update: only the fields sent change; none of them may be null."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The fields are optional but not nullable: the document says so (no null alternative).
+    model_config = ConfigDict(extra="forbid", json_schema_extra=not_nullable)
 
     name: Name | None = None
     description: Description | None = None

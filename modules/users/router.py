@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from core.db.session import UnitOfWork
 from core.edge.auth import CurrentPrincipal
 from core.edge.errors import AppError
+from core.edge.openapi import errors
 from core.edge.provided import Provided
 from core.edge.routes import DbSession, ReadSession, TransactionalRoute
 from core.ratelimit.limiter import LoginRateLimit, RateLimits
@@ -23,14 +24,10 @@ Service = Annotated[UserService, Provided("users.service")]
 Limits = Annotated[RateLimits, Provided("rate_limits")]
 Sessions = Annotated[async_sessionmaker[AsyncSession], Provided("sessions")]
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "not_authenticated, invalid_token (the session ended), account_disabled"},
-    404: {"description": "not found"},
-}
-_LIMITED: dict[int | str, dict[str, Any]] = {
-    422: {"description": "validation_error"},
-    429: {"description": "rate_limited"},
-}
+# A bearer route's 401 (not_authenticated, invalid_token, account_disabled) comes with the bearer
+# scheme, and every route's 422, 429 and 503 with the edge (core.edge.openapi). The login limits fail
+# closed by default (ATRIUM_RATE_LIMIT_LOGIN_FAIL_OPEN): a limiter outage is a 503 on these routes.
+_LOGIN_LIMITED = {429: "rate_limited", 503: "rate_limiter_unavailable"}
 
 
 def _read(pair: TokenPair) -> TokenRead:
@@ -39,7 +36,7 @@ def _read(pair: TokenPair) -> TokenRead:
 
 
 @router.post("/users", status_code=201, response_model=UserRead,
-             responses={409: {"description": "email_taken"}, 422: {"description": "validation_error"}})
+             responses=errors({409: "email_taken"}))
 async def sign_up(body: UserCreate, session: DbSession, service: Service) -> UserRead:
     """Create an account; a welcome email is sent by a background job."""
     user = await service.register(session, body.email, body.password, body.full_name, body.age)
@@ -47,8 +44,7 @@ async def sign_up(body: UserCreate, session: DbSession, service: Service) -> Use
 
 
 @router.post("/auth/token", response_model=TokenRead, dependencies=[LoginRateLimit],
-             responses={401: {"description": "invalid_credentials"},
-                        403: {"description": "account_disabled (the password was right)"}, **_LIMITED})
+             responses=errors({401: "invalid_credentials", 403: "account_disabled", **_LOGIN_LIMITED}))
 async def issue_token(
     form: Annotated[LoginForm, Depends()], session: DbSession, service: Service
 ) -> TokenRead:
@@ -57,8 +53,8 @@ async def issue_token(
 
 
 @router.post("/auth/refresh", response_model=TokenRead,
-             responses={401: {"description": "invalid_refresh_token, refresh_token_reused (the session "
-                                             "is ended), session_ended"}, **_LIMITED})
+             responses=errors({401: ["invalid_refresh_token", "refresh_token_reused", "session_ended",
+                                     "account_disabled"], **_LOGIN_LIMITED}))
 async def refresh(body: RefreshRequest, request: Request, sessions: Sessions, limits: Limits,
                   service: Service) -> TokenRead:
     """Spend a refresh token for a new pair. A token used twice ends its session (every token of it)."""
@@ -72,7 +68,7 @@ async def refresh(body: RefreshRequest, request: Request, sessions: Sessions, li
     return _read(outcome)
 
 
-@router.post("/auth/logout", status_code=204, response_class=Response, responses=_ERRORS)
+@router.post("/auth/logout", status_code=204, response_class=Response)
 async def logout(principal: CurrentPrincipal, session: DbSession, service: Service) -> Response:
     """End the caller's session: its refresh token and access tokens stop working within a second."""
     await service.logout(session, principal)
@@ -80,7 +76,7 @@ async def logout(principal: CurrentPrincipal, session: DbSession, service: Servi
 
 
 @router.post("/users/me/password", status_code=204, response_class=Response,
-             responses={**_ERRORS, 403: {"description": "wrong_password"}, **_LIMITED})
+             responses=errors({403: "wrong_password", **_LOGIN_LIMITED}))
 async def change_password(body: PasswordChange, request: Request, principal: CurrentPrincipal,
                           session: DbSession, limits: Limits, service: Service) -> Response:
     """Change the caller's password; the account's other sessions end, this one stays."""
@@ -89,13 +85,13 @@ async def change_password(body: PasswordChange, request: Request, principal: Cur
     return Response(status_code=204)
 
 
-@router.get("/users/me", response_model=UserRead, responses=_ERRORS)
+@router.get("/users/me", response_model=UserRead)
 async def read_me(principal: CurrentPrincipal, session: DbSession, service: Service) -> UserRead:
     """The authenticated caller's account."""
     return UserRead.model_validate(await service.me(session, principal))
 
 
-@router.get("/users/{user_id}", response_model=UserRead, responses=_ERRORS)
+@router.get("/users/{user_id}", response_model=UserRead, responses=errors({404: "not_found"}))
 async def read_user(
     user_id: uuid.UUID, principal: CurrentPrincipal, replica: ReadSession, primary: DbSession,
     service: Service,

@@ -8,6 +8,7 @@ production:  PostgreSQL, Redis cache, Redis broker, SMTP to a local server, the 
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -27,8 +28,17 @@ from tests.support.smtp import SmtpServer
 from tests.support.stack import Delivery, Gateway, Stack, serve
 from tests.support.worker import start_worker, stop_worker, wait_until_started
 
+# ATRIUM_TEST_PROFILES narrows the profiles (a comma list). scripts/test's second pass, with the fast
+# path off, runs production only: every piece of the fast path is in play there (the handler, and the
+# asyncpg transactions, pool and Redis pieces that development's SQLite and memory adapters never reach).
+PROFILES = tuple(name.strip() for name in
+                 os.environ.get("ATRIUM_TEST_PROFILES", "development,production").split(",") if name.strip())
+if not PROFILES or not set(PROFILES) <= {"development", "production"}:
+    raise pytest.UsageError(f"ATRIUM_TEST_PROFILES={os.environ.get('ATRIUM_TEST_PROFILES')!r}: "
+                            "expected development, production or both")
 
-@pytest.fixture(scope="session", params=["development", "production"])
+
+@pytest.fixture(scope="session", params=PROFILES)
 async def stack(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,

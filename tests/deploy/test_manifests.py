@@ -64,9 +64,10 @@ def _atrium(env: dict[str, Any]) -> set[str]:
 
 
 def _settings_from(env: dict[str, Any]) -> Settings:
-    """Settings built from exactly these variables (what a process with this environment gets)."""
-    return Settings(**{key.removeprefix("ATRIUM_").lower(): str(value)
-                       for key, value in env.items() if key.startswith("ATRIUM_")})
+    """Settings built from exactly these variables (what a process with this environment gets);
+    a developer's ``.env`` is not read."""
+    return Settings(_env_file=None, **{key.removeprefix("ATRIUM_").lower(): str(value)
+                                       for key, value in env.items() if key.startswith("ATRIUM_")})
 
 
 def _cli_parses(args: list[str]) -> None:

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +29,13 @@ import httpx
 import pytest
 import redis
 
-from tests.support.services import POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, in_ci, require
+from tests.support.services import (
+    POSTGRES_HOST,
+    POSTGRES_PORT,
+    POSTGRES_USER,
+    require,
+    require_program,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "scale-out"
@@ -46,15 +51,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 def require_nginx() -> str:
     """The nginx binary; skips the test locally and fails it under CI=true when nginx is missing."""
-    found = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None
-    )
-    if found:
-        return found
-    message = "nginx is not installed (apt-get install -y nginx; scripts/services installs it)"
-    if in_ci():
-        pytest.fail(f"{message}; CI requires it", pytrace=False)
-    pytest.skip(message)
+    return require_program("nginx", "/usr/sbin/nginx", "/usr/local/sbin/nginx", package="nginx")
 
 
 class ScaleOut:

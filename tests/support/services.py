@@ -7,6 +7,7 @@ green CI run always means the real adapters were exercised.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from functools import cache
 
@@ -47,6 +48,21 @@ def require(name: str) -> None:
     message = f"{name} is not reachable at {host}:{port}"
     if in_ci():
         pytest.fail(f"{message}; CI requires every real service", pytrace=False)
+    pytest.skip(message)
+
+
+def require_program(*candidates: str, package: str) -> str:
+    """The first of ``candidates`` (names on PATH, or absolute paths) that exists; skips the calling
+    test locally and fails it under CI=true when none does. ``package``: the Debian package that
+    brings it (scripts/services installs it)."""
+    for candidate in candidates:
+        absolute = os.path.isabs(candidate) and os.path.exists(candidate)
+        found = shutil.which(candidate) or (candidate if absolute else None)
+        if found:
+            return found
+    message = f"{candidates[0]} is not installed (apt-get install -y {package}; scripts/services installs it)"
+    if in_ci():
+        pytest.fail(f"{message}; CI requires it", pytrace=False)
     pytest.skip(message)
 
 

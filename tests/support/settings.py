@@ -16,7 +16,11 @@ GENEROUS_RATE_LIMITS = {
 
 
 def make_settings(**overrides: Any) -> Settings:
-    """Test-profile settings with cheap password hashing; ``overrides`` win."""
+    """Test-profile settings with cheap password hashing; ``overrides`` win.
+
+    A developer's ``.env`` is not read (``_env_file=None``): enabling a module there for `make run`
+    (README "Add a module") must not change what the tests build.
+    """
     values: dict[str, Any] = {"env": "test", "log_level": "WARNING", "secret_key": TEST_SECRET}
     values.update(overrides)
-    return Settings(**values)
+    return Settings(_env_file=None, **values)

@@ -29,6 +29,13 @@ from tests.support.settings import make_settings
 NS = make_settings().broker_namespace
 
 
+@pytest.fixture
+def no_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``load_settings()`` reads ``.env`` in the working directory: run from one without it, so a
+    developer's ``.env`` (README "Add a module" writes ATRIUM_MODULES there) changes nothing."""
+    monkeypatch.chdir(tmp_path)
+
+
 # --- settings -----------------------------------------------------------------------------------------
 
 
@@ -42,7 +49,7 @@ def test_process_modules_default_to_everything() -> None:
 
 
 def test_process_modules_are_read_comma_separated_from_the_environment(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, no_dotenv: None,
 ) -> None:
     monkeypatch.setenv("ATRIUM_API_MODULES", "users, items")
     monkeypatch.setenv("ATRIUM_WORKER_MODULES", "billing")
@@ -55,7 +62,7 @@ def test_process_modules_are_read_comma_separated_from_the_environment(
 
 @pytest.mark.parametrize(("field", "setting"), [("api_modules", "API_MODULES"),
                                                  ("worker_modules", "WORKER_MODULES")])
-def test_a_process_module_must_be_enabled(field: str, setting: str) -> None:
+def test_a_process_module_must_be_enabled(field: str, setting: str, no_dotenv: None) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(env="test", modules="users,items", **{field: "items,billing"})
 

@@ -21,6 +21,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name.upper().startswith("ATRIUM_"):
             monkeypatch.delenv(name)
+    monkeypatch.delenv("PYTHON_DOTENV_DISABLED", raising=False)  # these tests read .env files
     monkeypatch.chdir(tmp_path)
 
 
@@ -292,3 +293,17 @@ def test_a_bad_value_in_the_dotenv_file_names_its_variable(tmp_path: Path) -> No
     (tmp_path / ".env").write_text(f"ATRIUM_DATABASE_URL=postgresql://atrium:{SECRET}@db/atrium\n")
 
     assert refused(load_settings).startswith("ATRIUM_DATABASE_URL: postgresql:// names no driver")
+
+
+def test_python_dotenv_disabled_leaves_the_dotenv_file_unread(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The tests set it, so a developer's .env (ATRIUM_MODULES from the README's walkthrough) never
+    reaches them; even a .env that would be refused is not read."""
+    (tmp_path / ".env").write_text("ATRIUM_PORT=8001\nnot a setting\n")
+    monkeypatch.setenv("PYTHON_DOTENV_DISABLED", "1")
+
+    assert load_settings().port == 8000
+
+    monkeypatch.delenv("PYTHON_DOTENV_DISABLED")
+    assert refused(load_settings) == ".env line 2: not NAME=value (a comment starts with #)"

@@ -1,0 +1,74 @@
+"""Every mail the SMTP sender builds carries a Date and a unique Message-ID (core/email.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+
+import pytest
+
+from core.email import EmailMessage, SmtpEmailSender, mime_message, sender_domain
+
+MAIL = EmailMessage(to="ada@example.com", subject="Welcome", body="Hello {name}")
+
+
+class TestMimeMessage:
+    def test_has_a_message_id_in_the_senders_domain(self) -> None:
+        mime = mime_message("Atrium <no-reply@mail.atrium.example>", MAIL)
+
+        message_id = mime["Message-ID"]
+        assert message_id.startswith("<")
+        assert message_id.endswith("@mail.atrium.example>")
+
+    def test_message_ids_are_unique(self) -> None:
+        ids = {mime_message("no-reply@atrium.example", MAIL)["Message-ID"] for _ in range(100)}
+
+        assert len(ids) == 100
+
+    def test_a_given_domain_wins_over_the_senders(self) -> None:
+        mime = mime_message("no-reply@atrium.example", MAIL, domain="relay.example")
+
+        assert mime["Message-ID"].endswith("@relay.example>")
+
+    def test_has_a_date_of_now(self) -> None:
+        mime = mime_message("no-reply@atrium.example", MAIL)
+
+        sent = parsedate_to_datetime(mime["Date"])
+        assert sent.tzinfo is not None
+        assert abs(datetime.now(UTC) - sent) < timedelta(minutes=1)
+
+    def test_keeps_the_other_headers_and_the_body(self) -> None:
+        mime = mime_message("Atrium <no-reply@atrium.example>", MAIL)
+
+        assert mime["From"] == "Atrium <no-reply@atrium.example>"
+        assert mime["To"] == "ada@example.com"
+        assert mime["Subject"] == "Welcome"
+        assert mime.get_content().strip() == "Hello {name}"
+        assert len(mime.get_all("Message-ID") or []) == 1
+        assert len(mime.get_all("Date") or []) == 1
+
+
+class TestSmtpSender:
+    def test_builds_its_mail_with_both_headers(self) -> None:
+        sender = SmtpEmailSender("smtp.example", 25, "Atrium <no-reply@atrium.example>")
+
+        mime = sender._mime(MAIL)
+
+        assert mime["Message-ID"].endswith("@atrium.example>")
+        assert mime["Date"]
+
+    def test_a_configured_domain_is_used(self) -> None:
+        sender = SmtpEmailSender("smtp.example", 25, "no-reply@atrium.example",
+                                 message_id_domain="ids.atrium.example")
+
+        assert sender._mime(MAIL)["Message-ID"].endswith("@ids.atrium.example>")
+
+
+@pytest.mark.parametrize(("sender", "domain"), [
+    ("Atrium <no-reply@atrium.example>", "atrium.example"),
+    ("no-reply@atrium.example", "atrium.example"),
+    ("Atrium", "localhost"),  # no address: never the machine's name (a DNS lookup)
+    ("", "localhost"),
+])
+def test_sender_domain(sender: str, domain: str) -> None:
+    assert sender_domain(sender) == domain
