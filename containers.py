@@ -162,6 +162,7 @@ class Core(containers.DeclarativeContainer):
             password=settings.provided.smtp_password,
             starttls=settings.provided.smtp_starttls,
             timeout=settings.provided.smtp_timeout,
+            message_id_domain=settings.provided.email_message_id_domain,
         ),
     )
 

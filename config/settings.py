@@ -94,6 +94,10 @@ PROFILES: dict[Environment, dict[str, Any]] = {
 # the driver it surfaced as a long traceback (a `postgresql://` URL ended in "No module named
 # 'psycopg'"). Messages quote a URL's scheme, host and port, never the rest (it may hold a password).
 
+# A DNS name as a Message-ID's right-hand side may be (RFC 5322 dot-atom of hostname labels).
+MESSAGE_ID_DOMAIN = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                               r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
 POSTGRES_EXAMPLE = "postgresql+asyncpg://user:password@host:5432/atrium"
 SQLITE_EXAMPLE = "sqlite+aiosqlite:///./var/atrium.db"
 # The database drivers Atrium runs on: both asynchronous.
@@ -278,6 +282,8 @@ class Settings(BaseSettings):
     smtp_password: str | None = None
     smtp_starttls: bool = False
     smtp_timeout: float = Field(10.0, gt=0)
+    # The right-hand side of every mail's Message-ID (<...@domain>); empty: the domain of email_from.
+    email_message_id_domain: str = ""
 
     # Payments (the billing module's gateway)
     payments_backend: Literal["fake", "http"] = "fake"
@@ -459,6 +465,14 @@ class Settings(BaseSettings):
             raise ConfigError(f"ATRIUM_ROOT_PATH={value!r} must start with / and not end with one "
                               "(e.g. /atrium)")
         return value
+
+    @field_validator("email_message_id_domain")
+    @classmethod
+    def _check_message_id_domain(cls, value: str) -> str:
+        if value and not MESSAGE_ID_DOMAIN.fullmatch(value):
+            raise ConfigError(f"ATRIUM_EMAIL_MESSAGE_ID_DOMAIN={value!r} is not a domain name "
+                              "(e.g. mail.example.com)")
+        return value.lower()
 
     @field_validator("database_url")
     @classmethod

@@ -143,7 +143,7 @@ class SmtpEmailSender:
         self._password = password
         self._starttls = starttls
         self._timeout = timeout
-        self._domain = message_id_domain  # None: the sender's domain
+        self._domain = message_id_domain  # None or "": the sender's domain
 
     def _mime(self, message: EmailMessage) -> MimeMessage:
         return mime_message(self.sender, message, self._domain)

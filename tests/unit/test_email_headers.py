@@ -7,7 +7,9 @@ from email.utils import parsedate_to_datetime
 
 import pytest
 
+from containers import build_container
 from core.email import EmailMessage, SmtpEmailSender, mime_message, sender_domain
+from tests.support.settings import make_settings
 
 MAIL = EmailMessage(to="ada@example.com", subject="Welcome", body="Hello {name}")
 
@@ -62,6 +64,23 @@ class TestSmtpSender:
                                  message_id_domain="ids.atrium.example")
 
         assert sender._mime(MAIL)["Message-ID"].endswith("@ids.atrium.example>")
+
+
+class TestMessageIdDomainSetting:
+    def _sender(self, **settings: str) -> SmtpEmailSender:
+        container = build_container(make_settings(email_backend="smtp", smtp_host="smtp.example",
+                                                     email_from="no-reply@atrium.example", **settings))
+        sender = container.email_sender()
+        assert isinstance(sender, SmtpEmailSender)
+        return sender
+
+    def test_the_setting_reaches_the_smtp_sender(self) -> None:
+        sender = self._sender(email_message_id_domain="Mail.Atrium.Example")
+
+        assert sender._mime(MAIL)["Message-ID"].endswith("@mail.atrium.example>")
+
+    def test_unset_it_is_the_senders_domain(self) -> None:
+        assert self._sender()._mime(MAIL)["Message-ID"].endswith("@atrium.example>")
 
 
 @pytest.mark.parametrize(("sender", "domain"), [

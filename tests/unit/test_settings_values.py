@@ -237,6 +237,9 @@ def test_an_unknown_log_level_is_refused(monkeypatch: pytest.MonkeyPatch) -> Non
      "ATRIUM_DATABASE_POOL_RECYCLE: Input should be greater than or equal to -1"),
     ("root_path", "/atrium/", "ATRIUM_ROOT_PATH='/atrium/' must start with / and not end with one"),
     ("root_path", "atrium", "ATRIUM_ROOT_PATH='atrium' must start with / and not end with one"),
+    *[("email_message_id_domain", bad, f"ATRIUM_EMAIL_MESSAGE_ID_DOMAIN={bad!r} is not a domain name")
+      for bad in ("no-reply@atrium.example", "atrium example", "<atrium.example>", "-atrium.example",
+                  "atrium..example", "a" * 64 + ".example")],
 ])
 def test_out_of_range_values_are_refused(monkeypatch: pytest.MonkeyPatch, variable: str, value: str,
                                          says: str) -> None:
