@@ -10,6 +10,7 @@ variables. ``docker compose config`` runs too when a compose binary is installed
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -166,9 +167,11 @@ def test_compose_runs_two_apis_two_workers_behind_nginx_after_a_migration(
 
 def test_compose_sets_the_same_atrium_variables_as_the_script(compose: dict[str, Any]) -> None:
     script = _atrium(_script_env())
+    # The worker's /metrics also listens beyond its container's loopback, for Prometheus.
+    extra = {"worker": {"ATRIUM_WORKER_METRICS_HOST"}}
     for name in ("api", "worker", "migrate"):
         env = compose["services"][name]["environment"]
-        assert _atrium(env) == script, name
+        assert _atrium(env) == script | extra.get(name, set()), name
     env = {key: str(value) for key, value in compose["services"]["api"]["environment"].items()}
     for key, value in env.items():  # ${VAR:?msg} / ${VAR:-default} as docker compose would fill them
         if value.startswith("${"):
@@ -179,6 +182,30 @@ def test_compose_sets_the_same_atrium_variables_as_the_script(compose: dict[str,
     settings = _settings_from(env)
     assert settings.env == "production"
     assert settings.database_url.startswith("postgresql+asyncpg://")
+
+
+def test_compose_monitoring_is_an_opt_in_profile_with_files_that_exist(compose: dict[str, Any]) -> None:
+    """Prometheus and Grafana start only with ``--profile monitoring``; a plain ``up`` is unchanged.
+    tests/deploy/test_dashboards.py checks what they scrape and show."""
+    services = compose["services"]
+    profiled = {name for name, service in services.items() if "profiles" in service}
+    assert profiled == {"prometheus", "grafana"}
+    for name in profiled:
+        service = services[name]
+        assert service["profiles"] == ["monitoring"], name
+        assert service["image"].rpartition(":")[2] not in {"", "latest"}, f"{name}: pin the image"
+        mounted = [v.split(":")[0] for v in service["volumes"] if v.startswith("./")]
+        assert mounted, name
+        assert all((DEPLOY / m).exists() for m in mounted), (name, mounted)
+    assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    assert {"prometheus-data", "grafana-data"} <= set(compose["volumes"])
+    for name, service in services.items():  # nothing of the default `up` waits for a profiled service
+        if name not in profiled:
+            assert not set(service.get("depends_on") or {}) & profiled, name
+    host = services["worker"]["environment"]["ATRIUM_WORKER_METRICS_HOST"]
+    assert "worker_metrics_host" in Settings.model_fields
+    assert ipaddress.ip_address(host).is_unspecified  # reachable on the compose network, not published
+    assert not services["worker"].get("ports")
 
 
 def _compose_command() -> list[str] | None:
