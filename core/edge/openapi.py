@@ -87,6 +87,63 @@ def errors(codes: Mapping[int, str | Sequence[str]]) -> dict[int | str, dict[str
     }
 
 
+def links(status: int, **named: Mapping[str, Any]) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entry for a success ``status``: the OpenAPI links from its response to the
+    operations it feeds, by name, each made by ``link``. Clients that follow links (schemathesis's
+    stateful phase) chain the operations with them: ``links(201, ReadItem=link("items.read_item",
+    item_id=ID))``."""
+    return {status: {"links": dict(named)}}
+
+
+def link(operation_id: str, description: str, body: Mapping[str, Any] | None = None,
+         **parameters: str) -> dict[str, Any]:
+    """An OpenAPI link to ``operation_id``: its parameters, and fields of its body, as runtime
+    expressions (``ID``: the ``id`` of the response body). ``refine`` refuses a link to an operation
+    the document does not have."""
+    target: dict[str, Any] = {"operationId": operation_id, "description": description}
+    if parameters:
+        target["parameters"] = parameters
+    if body is not None:
+        target["requestBody"] = dict(body)
+    return target
+
+
+ID = "$response.body#/id"  # the runtime expression of a created resource's id
+LINKED_FROM = "x-linked-from"  # openapi_extra of a route: links into it, which ``refine`` moves
+RAW_BODY = "x-raw-body"  # openapi_extra of a route that parses its body itself (``raw_body``); removed
+
+
+def linked_from(operation_id: str, status: int, **named: Mapping[str, Any]) -> dict[str, Any]:
+    """``openapi_extra=`` of a route that the ``status`` response of ``operation_id``, an operation of
+    a module its own depends on, feeds: the links (each a ``link`` to this route's operation) go on
+    that response. A module names only the operations of the modules it depends on, so the link is
+    declared by the module that depends: ``linked_from("items.create_item", 201,
+    InvoiceItem=link("billing.create_invoice", ..., body={...}))``."""
+    return {LINKED_FROM: [{"operationId": operation_id, "status": str(status), "links": dict(named)}]}
+
+
+def raw_body(model: type[BaseModel], description: str) -> dict[str, Any]:
+    """``openapi_extra=`` of a route that reads its body itself (raw bytes, e.g. to check a signature
+    over them): ``model``'s JSON schema as the required JSON body, nested models inlined, so the
+    document still says what the body holds. Only the document uses ``model``."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(copy.deepcopy(definitions[ref.removeprefix("#/$defs/")]))
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    return {"requestBody": {"required": True, "description": description,
+                            "content": {"application/json": {"schema": inline(schema)}}},
+            RAW_BODY: True}
+
+
 def with_codes(
     responses: Mapping[int | str, dict[str, Any]] | None, status: int, *names: str
 ) -> dict[int | str, dict[str, Any]]:
@@ -114,6 +171,13 @@ def not_nullable(schema: dict[str, Any], model: type[Any] | None = None) -> None
                 field["anyOf"] = kept
         if "default" in field and field["default"] is None:
             del field["default"]
+
+
+def partial_update(schema: dict[str, Any], model: type[Any] | None = None) -> None:
+    """``json_schema_extra`` of a partial update whose validator refuses an empty body: its fields are
+    ``not_nullable`` and at least one must be sent (``minProperties: 1``)."""
+    not_nullable(schema, model)
+    schema["minProperties"] = 1
 
 
 class RateLimitPolicy(Protocol):
@@ -158,9 +222,12 @@ def refine(
     ``service_unavailable`` (``core.edge.routes.TransactionalRoute`` does, with ``errors``)."""
     refined = copy.deepcopy(dict(document))
     schemas: dict[str, Any] = refined.setdefault("components", {}).setdefault("schemas", {})
+    _move_links(refined)
+    operation_ids = {operation.get("operationId") for _, _, operation in _operations(refined)}
     for path, _, operation in _operations(refined):
         _document_errors(operation, rate_limited(path), limiter_fails_closed)
         _name_generated_schemas(refined, schemas, operation)
+        _check_links(operation, operation_ids)
     envelope = ErrorResponse.model_json_schema(ref_template=REF + "{model}")
     for name, schema in {**envelope.pop("$defs", {}), SCHEMA: envelope}.items():
         # A route may name the envelope itself ({"model": ErrorResponse}); another model of that name may not.
@@ -196,7 +263,9 @@ def _document_errors(operation: dict[str, Any], limited: bool, fails_closed: boo
     stock_422 = responses.get("422", {}).get("content", {}).get(JSON, {}).get("schema", {})
     if stock_422.get("$ref") == REF + "HTTPValidationError" or ("422" in codes and body):
         add(422, "validation_error")
-    if JSON in body:
+    # The edge answers malformed JSON only where FastAPI parses the body; a route that reads it raw
+    # refuses it by its own rules (the webhook: invalid_signature).
+    if JSON in body and not operation.pop(RAW_BODY, False):
         add(400, "invalid_json")
     if body:
         add(413, "payload_too_large")
@@ -220,6 +289,30 @@ def _document_errors(operation: dict[str, Any], limited: bool, fails_closed: boo
         response[CODES] = codes[status]
         response["content"] = {JSON: {"schema": {"$ref": REF + SCHEMA}}}
     operation["responses"] = {status: responses[status] for status in sorted(responses)}
+
+
+def _move_links(document: dict[str, Any]) -> None:
+    """``linked_from`` links onto the responses they start from."""
+    by_id = {operation.get("operationId"): operation for _, _, operation in _operations(document)}
+    for _, _, operation in _operations(document):
+        for declared in operation.pop(LINKED_FROM, []):
+            source = by_id.get(declared["operationId"])
+            if source is None:
+                raise ValueError(f"{operation.get('operationId')} is linked from "
+                                 f"{declared['operationId']!r}, which the document does not have")
+            response = source.get("responses", {}).get(declared["status"])
+            if response is None:
+                raise ValueError(f"{operation.get('operationId')} is linked from the {declared['status']} "
+                                 f"response of {declared['operationId']}, which that operation does not have")
+            response.setdefault("links", {}).update(declared["links"])
+
+
+def _check_links(operation: dict[str, Any], operation_ids: set[Any]) -> None:
+    for status, response in operation.get("responses", {}).items():
+        for name, target in response.get("links", {}).items():
+            if target.get("operationId") not in operation_ids:
+                raise ValueError(f"link {name} of {operation.get('operationId')} ({status}) names "
+                                 f"{target.get('operationId')!r}, which the document does not have")
 
 
 def _is_error(status: str) -> bool:

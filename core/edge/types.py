@@ -10,6 +10,8 @@ surface as 500s. Schemas and query parameters of every module take these types i
   with the rule.
 - ``Int32`` / ``Int64``: the range of an ``Integer`` / ``BigInteger`` column (PostgreSQL's
   ``integer`` / ``bigint``); a narrower range is ``Field(ge=..., le=...)`` within them.
+- ``JSON_INTEGER``: an integer of a JSON body, taken as JSON Schema's ``integer`` is (``30`` and
+  ``30.0``, never ``"30"`` nor ``true``): ``Annotated[Int32, Field(ge=1), JSON_INTEGER]``.
 
 The OpenAPI document states the rules (JSON Schema ``pattern``, ``minimum``, ``maximum``) and
 pydantic enforces them before any endpoint runs, with a message that says what is wrong.
@@ -20,7 +22,7 @@ into a bare ``str``) is refused by every text rule as well.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from pydantic import Field, GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
@@ -40,7 +42,8 @@ def _is_surrogate(char: str) -> bool:
 class TextRule:
     """Annotation metadata: refuses text holding a character of ``forbidden`` (a regex class) with
     ``message``, and documents the rule as the JSON Schema ``pattern``. Put it after the length
-    constraints: ``Annotated[str, StringConstraints(max_length=200), ONE_LINE]``.
+    constraints: ``Annotated[str, StringConstraints(max_length=200), ONE_LINE]``. It checks the text
+    as sent, before ``strip_whitespace``: ``"lamp\n"`` is refused as the pattern says, not stripped.
 
     A lone UTF-16 surrogate (U+D800-U+DFFF) is refused by every rule as well: FastAPI parses request
     bodies with the standard ``json`` module, which turns a JSON ``"\\ud800"`` into such a character,
@@ -48,10 +51,19 @@ class TextRule:
     cannot carry one as a character, and an ECMA-262 class of surrogates means something else
     without the ``u`` flag."""
 
-    def __init__(self, forbidden: str, message: str) -> None:
+    def __init__(self, forbidden: str, message: str, *, stated: bool = True) -> None:
+        self.forbidden = forbidden
         self.pattern = f"^[^{forbidden}]*$"
         self.message = message
+        self.stated = stated
         self._search = re.compile(f"[{forbidden}{_SURROGATES}]").search
+
+    def unstated(self) -> TextRule:
+        """The same rule, left out of the document: for a ``format`` that already excludes what it
+        forbids (an ``email`` holds no control character). A ``pattern`` beside such a format says
+        nothing more, and makes clients that generate values from the document (schemathesis) search
+        for strings that satisfy both, which is slow."""
+        return TextRule(self.forbidden, self.message, stated=False)
 
     def check(self, value: str) -> str:
         found = self._search(value)
@@ -60,13 +72,19 @@ class TextRule:
         return value
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
-        return core_schema.no_info_after_validator_function(self.check, handler(source))
+        # On the text as sent, before the type's own constraints: `strip_whitespace` would otherwise
+        # take a trailing line break or tab away first, and accept what the documented pattern refuses.
+        return core_schema.no_info_before_validator_function(self._check_sent, handler(source))
+
+    def _check_sent(self, value: Any) -> Any:
+        return self.check(value) if isinstance(value, str) else value  # not text: the type refuses it
 
     def __get_pydantic_json_schema__(
         self, schema: CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
         document = handler(schema)
-        document["pattern"] = self.pattern
+        if self.stated:
+            document["pattern"] = self.pattern
         return document
 
 
@@ -83,3 +101,26 @@ Paragraph = Annotated[str, MULTI_LINE]
 
 Int32 = Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)]
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+
+
+class JsonInteger:
+    """Annotation metadata, last in an ``int``'s ``Annotated`` (after its range): the integer of a JSON
+    body, as JSON Schema's ``integer`` is: a number without a fractional part (``30`` and ``30.0``),
+    never a string nor a boolean. The document's ``"type": "integer"`` promises that 30.0 is taken as
+    30; pydantic's strict mode alone refuses it, and its lax mode takes ``"30"`` and ``true``."""
+
+    @staticmethod
+    def integral(value: Any) -> Any:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        inner = handler(source)
+        if inner["type"] != "int":
+            raise TypeError(f"JSON_INTEGER annotates an int, not {inner['type']}")
+        cast("core_schema.IntSchema", inner)["strict"] = True
+        return core_schema.no_info_before_validator_function(self.integral, inner)
+
+
+JSON_INTEGER = JsonInteger()

@@ -19,7 +19,7 @@ from core.edge.idempotency import (
     fingerprint,
     run_once,
 )
-from core.edge.openapi import errors
+from core.edge.openapi import ID, errors, link, linked_from, links, raw_body
 from core.edge.pagination import Cursor
 from core.edge.provided import Provided
 from core.edge.routes import DbSession, TransactionalRoute
@@ -30,6 +30,7 @@ from modules.billing.adapters.gateway import (
     PaymentGateway,
 )
 from modules.billing.schemas import (
+    GatewayWebhookEvent,
     InvoiceCreate,
     InvoicePage,
     InvoiceRead,
@@ -60,10 +61,24 @@ _SIGNATURE = {
 }
 
 
+_INVOICE_CREATED = links(
+    201,
+    ReadInvoice=link("billing.read_invoice", "The new invoice.", invoice_id=ID),
+    PayInvoice=link("billing.pay_invoice", "Pay the new invoice.", invoice_id=ID),
+    VoidInvoice=link("billing.void_invoice", "Cancel the new invoice.", invoice_id=ID),
+    ListInvoicePayments=link("billing.list_invoice_payments", "The new invoice's payments.", invoice_id=ID),
+)
+_PAYMENT_ACCEPTED = links(202, ReadPayment=link("billing.read_payment", "The new payment.", payment_id=ID))
+
+
 @router.post("/invoices", status_code=201, response_model=InvoiceRead,
-             responses=errors({422: ["validation_error", "invalid_lines", "duplicate_items",
-                                     "invalid_quantity", "unknown_items", "mixed_currencies",
-                                     "total_too_large"]}))
+             responses={**errors({422: ["validation_error", "invalid_lines", "duplicate_items",
+                                        "invalid_quantity", "unknown_items", "mixed_currencies",
+                                        "total_too_large"]}),
+                        **_INVOICE_CREATED},
+             openapi_extra=linked_from("items.create_item", 201, InvoiceItem=link(
+                 "billing.create_invoice", "Invoice one of the new item.",
+                 body={"lines": [{"item_id": ID, "quantity": 1}]})))
 async def create_invoice(body: InvoiceCreate, principal: CurrentPrincipal, session: DbSession,
                          invoices: Invoices, request: Request, response: Response) -> InvoiceRead:
     """Open an invoice for the caller, priced from the catalog at this moment."""
@@ -109,13 +124,13 @@ async def void_invoice(invoice_id: uuid.UUID, principal: CurrentPrincipal, sessi
     "/invoices/{invoice_id}/payments",
     status_code=202,
     response_model=PaymentRead,
-    responses=errors({
+    responses={**errors({
         **_OWNED,
         400: ["idempotency_key_required", "invalid_idempotency_key"],
         409: ["invoice_not_open", "nothing_to_pay", "payment_in_progress", "idempotency_request_in_progress",
               "idempotency_claim_lost"],
         422: ["validation_error", "idempotency_key_reused"],
-    }),
+    }), **_PAYMENT_ACCEPTED},
     # The header is read here as optional so that its absence is the contract's 400, not a 422; the
     # document states what the server requires.
     openapi_extra={"parameters": [KEY_PARAMETER]},
@@ -170,7 +185,8 @@ async def read_payment(payment_id: uuid.UUID, principal: CurrentPrincipal, sessi
 
 @router.post("/webhooks/payment-gateway", response_model=WebhookReceipt,
              responses=errors({400: "invalid_signature", 413: "payload_too_large"}),
-             openapi_extra={"parameters": [_SIGNATURE]})
+             openapi_extra={"parameters": [_SIGNATURE],
+                            **raw_body(GatewayWebhookEvent, "The gateway's event: the bytes it signed.")})
 async def gateway_webhook(request: Request, session: DbSession, payments: Payments,
                           gateway: Gateway) -> WebhookReceipt:
     """The gateway's signed notice of a late charge result; each event is applied once."""

@@ -12,11 +12,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from core.edge.types import Int32
+from core.edge.types import JSON_INTEGER, Int32
 from modules.billing.domain import MAX_LINES, MAX_QUANTITY
 
 # The domain's MAX_QUANTITY is far inside the column (integer); Int32 states the column.
-Quantity = Annotated[Int32, Field(ge=1, le=MAX_QUANTITY, strict=True, examples=[1])]
+Quantity = Annotated[Int32, Field(ge=1, le=MAX_QUANTITY, examples=[1]), JSON_INTEGER]
 
 
 class LineCreate(BaseModel):
@@ -90,6 +90,25 @@ class PaymentRead(BaseModel):
 
 class PaymentList(BaseModel):
     payments: list[PaymentRead]
+
+
+class GatewayChargeResult(BaseModel):
+    """The final result of a charge, as the gateway's webhook carries it."""
+
+    charge_id: str
+    idempotency_key: str = Field(description="the key Atrium charged with: the payment's")
+    status: Literal["succeeded", "declined"]
+    failure_code: str | None = None
+    failure_message: str | None = None
+
+
+class GatewayWebhookEvent(BaseModel):
+    """What the payment gateway posts to the webhook (adapters/gateway.py decodes it after checking
+    the signature over these exact bytes); documents the body, which the route reads itself."""
+
+    id: str = Field(description="the event's id: a redelivered event is applied once")
+    type: Literal["charge.succeeded", "charge.failed"]
+    data: GatewayChargeResult
 
 
 class WebhookReceipt(BaseModel):

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from core.edge.auth import AdminPrincipal
 from core.edge.errors import Unprocessable
-from core.edge.openapi import errors
+from core.edge.openapi import ID, errors, link, links
 from core.edge.pagination import Cursor
 from core.edge.provided import Provided
 from core.edge.routes import DbSession, ReadSession, TransactionalRoute
@@ -37,7 +37,15 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
     return "*" in candidates or etag in candidates
 
 
-@router.post("", status_code=201, response_model=ItemRead, responses=errors(_ADMIN))
+_CREATED = links(
+    201,
+    ReadItem=link("items.read_item", "The new item.", item_id=ID),
+    UpdateItem=link("items.update_item", "Change the new item.", item_id=ID),
+    DeleteItem=link("items.delete_item", "Remove the new item.", item_id=ID),
+)
+
+
+@router.post("", status_code=201, response_model=ItemRead, responses={**errors(_ADMIN), **_CREATED})
 async def create_item(
     body: ItemCreate,
     _: AdminPrincipal,

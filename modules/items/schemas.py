@@ -13,8 +13,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from core.edge.openapi import not_nullable
-from core.edge.types import MULTI_LINE, ONE_LINE, Int64
+from core.edge.openapi import partial_update
+from core.edge.types import JSON_INTEGER, MULTI_LINE, ONE_LINE, Int64
 from modules.items.domain import CURRENCIES, DESCRIPTION_MAX, NAME_MAX, PRICE_MAX, is_currency
 
 
@@ -30,8 +30,8 @@ Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max
 Description = Annotated[str, StringConstraints(strip_whitespace=True, max_length=DESCRIPTION_MAX), MULTI_LINE,
                         Field(examples=["Solid brass.\nShade not included."])]
 # PRICE_MAX (domain) is far inside the column's range; Int64 states the column.
-Price = Annotated[Int64, Field(ge=0, le=PRICE_MAX, strict=True, description="integer minor units, e.g. cents",
-                               examples=[1999])]
+Price = Annotated[Int64, Field(ge=0, le=PRICE_MAX, description="integer minor units, e.g. cents",
+                               examples=[1999]), JSON_INTEGER]
 # The document lists the codes the server accepts (the domain's CURRENCIES); a lower-case code is
 # accepted too and stored upper-case, but clients are told the canonical form.
 Currency = Annotated[str, StringConstraints(min_length=3, max_length=3), ONE_LINE, AfterValidator(_currency),
@@ -51,8 +51,9 @@ class ItemCreate(BaseModel):
 class ItemUpdate(BaseModel):
     """Partial update: only the fields sent change; none of them may be null."""
 
-    # The fields are optional but not nullable: the document says so (no null alternative).
-    model_config = ConfigDict(extra="forbid", json_schema_extra=not_nullable)
+    # The fields are optional but not nullable, and one at least is sent: the document says so (no null
+    # alternative, minProperties).
+    model_config = ConfigDict(extra="forbid", json_schema_extra=partial_update)
 
     name: Name | None = None
     description: Description | None = None

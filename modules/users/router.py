@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from core.db.session import UnitOfWork
 from core.edge.auth import CurrentPrincipal
 from core.edge.errors import AppError
-from core.edge.openapi import errors
+from core.edge.openapi import errors, link, links
 from core.edge.provided import Provided
 from core.edge.routes import DbSession, ReadSession, TransactionalRoute
 from core.ratelimit.limiter import LoginRateLimit, RateLimits
@@ -35,8 +35,20 @@ def _read(pair: TokenPair) -> TokenRead:
                      refresh_token=pair.refresh_token, refresh_expires_in=pair.refresh_expires_in)
 
 
+_SIGNED_UP = links(
+    201,
+    IssueToken=link("users.issue_token", "Log in as the new account.",
+                    body={"username": "$request.body#/email", "password": "$request.body#/password"}),
+)
+_LOGGED_IN = links(
+    200,
+    Refresh=link("users.refresh", "Spend the refresh token.",
+                 body={"refresh_token": "$response.body#/refresh_token"}),
+)
+
+
 @router.post("/users", status_code=201, response_model=UserRead,
-             responses=errors({409: "email_taken"}))
+             responses={**errors({409: "email_taken"}), **_SIGNED_UP})
 async def sign_up(body: UserCreate, session: DbSession, service: Service) -> UserRead:
     """Create an account; a welcome email is sent by a background job."""
     user = await service.register(session, body.email, body.password, body.full_name, body.age)
@@ -44,7 +56,8 @@ async def sign_up(body: UserCreate, session: DbSession, service: Service) -> Use
 
 
 @router.post("/auth/token", response_model=TokenRead, dependencies=[LoginRateLimit],
-             responses=errors({401: "invalid_credentials", 403: "account_disabled", **_LOGIN_LIMITED}))
+             responses={**errors({401: "invalid_credentials", 403: "account_disabled", **_LOGIN_LIMITED}),
+                        **_LOGGED_IN})
 async def issue_token(
     form: Annotated[LoginForm, Depends()], session: DbSession, service: Service
 ) -> TokenRead:

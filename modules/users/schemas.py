@@ -7,21 +7,34 @@ database. Passwords may hold any printable character (spaces too), but no contro
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
+from email_validator import SPECIAL_USE_DOMAIN_NAMES
 from fastapi import Form
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
 
-from core.edge.types import ONE_LINE, Int32, TextRule
+from core.edge.types import JSON_INTEGER, ONE_LINE, Int32, TextRule
 from modules.users.domain import MAX_PASSWORD_LENGTH, MIN_AGE, MIN_PASSWORD_LENGTH
 
 # ONE_LINE's C0 and DEL, and the C1 controls (U+0080-U+009F) as well: none of them is typed on purpose.
 PRINTABLE = TextRule(r"\x00-\x1f\x7f-\x9f", "must not contain control characters")
 EMAIL_LENGTH = 320  # the column's
 
-Email = Annotated[EmailStr, StringConstraints(max_length=EMAIL_LENGTH), ONE_LINE]
+
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in word)
+
+
+# EmailStr (email-validator) refuses an address under a special-use domain name (RFC 6761: .test,
+# .local, .localhost, ...), which JSON Schema's `format: email` allows: the document says so too.
+# `format: email` holds no control character already, so ONE_LINE is enforced but not restated.
+SPECIAL_USE_DOMAIN = r"[.@](?:" + "|".join(_any_case(name) for name in SPECIAL_USE_DOMAIN_NAMES) + r")\.?$"
+Email = Annotated[EmailStr, StringConstraints(max_length=EMAIL_LENGTH), ONE_LINE.unstated(),
+                  Field(json_schema_extra={"not": {"pattern": SPECIAL_USE_DOMAIN}})]
 FullName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), ONE_LINE]
 Password = Annotated[str, StringConstraints(min_length=MIN_PASSWORD_LENGTH, max_length=MAX_PASSWORD_LENGTH),
                      PRINTABLE]
@@ -35,7 +48,7 @@ class UserCreate(BaseModel):
     email: Email
     password: Password
     full_name: FullName
-    age: Annotated[Int32, Field(ge=MIN_AGE, le=150, strict=True)]
+    age: Annotated[Int32, Field(ge=MIN_AGE, le=150), JSON_INTEGER]
 
 
 class UserRead(BaseModel):
