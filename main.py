@@ -21,9 +21,11 @@ from contextlib import asynccontextmanager
 from typing import Any, TextIO
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 from loguru import logger
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.routing import Route
 
 from config import ConfigError, Settings, load_settings
 from containers import build_container
@@ -42,6 +44,9 @@ from core.module import Module, ModuleError, load_modules, select_modules
 from core.observability.access_log import access_log
 from core.observability.logging import configure_logging, flush_logs
 from core.observability.metrics import disable_multiprocess, install_metrics, prepare_serve, serve_metrics
+from core.observability.tracing import configure_tracing, scoped_app, shutdown_tracing
+from core.observability.tracing import enabled as tracing_enabled
+from core.observability.tracing import provider as tracing_provider
 from core.preflight import NotReady, check_broker, check_database
 from core.ratelimit.limiter import RateLimitMiddleware
 
@@ -52,7 +57,11 @@ DISTRIBUTION = "atrium"  # [project] name in pyproject.toml: what `atrium --vers
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for ``settings`` (read from the environment when omitted)."""
     settings = settings or load_settings()
-    configure_logging(settings.log_level, settings.log_json)
+    # Tracing before the container: the SQLAlchemy instrumentation traces the engines made after it
+    # (this one is, by the pool metrics below). Off (no endpoint), nothing of the SDK is imported.
+    configure_tracing(settings, "api")
+    traced = tracing_enabled()
+    configure_logging(settings.log_level, settings.log_json, traced=traced)
     modules = load_modules(settings.modules)
     container = build_container(settings, modules)
     # ATRIUM_API_MODULES: the routes this process serves; every module stays loaded (facades, outbox routes).
@@ -66,10 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         root_path=settings.root_path,
         docs_url=None,  # core.edge.docs serves /docs and /redoc offline
         redoc_url=None,
-        # FastAPI's native OpenTelemetry hook asks the global OTel providers (and os.environ) on
-        # every request whether to trace; Atrium exports Prometheus metrics and configures no OTel
-        # provider, so that was ~4% of a cached read for nothing (bench/README.md).
-        telemetry={"tracing": False, "metrics": False, "logs": False},
+        telemetry=_telemetry(traced),
         generate_unique_id_function=operation_id,  # "<module>.<endpoint>" (core/edge/openapi.py)
     )
     app.state.settings = settings
@@ -81,9 +87,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # One flat route table (core.edge.routes.add_routes): no nested routers to walk on every request.
     add_routes(app.router, health_router)
+    owned: list[tuple[str, list[Any]]] = []  # each module's routes: their spans carry its name
     for module in served:
         if module.router is not None:
+            first = len(app.router.routes)
             add_routes(app.router, module.router, prefix=API_PREFIX)
+            owned.append((module.name, app.router.routes[first:]))
     # /docs and /redoc with their assets served by the app (no CDN); after the API's routes, so
     # an API request never asks them whether they match.
     install_docs(app)
@@ -99,7 +108,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if container.fast_path():
         # The lean request handler (core/fastpath/README.md).
         fastpath.install(app.router, container.fast_path())
+    if traced:
+        for name, routes in owned:
+            _scope_routes(routes, name)
     return app
+
+
+def _telemetry(traced: bool) -> TelemetryConfig:
+    """FastAPI's native OpenTelemetry: the SERVER span of each request when tracing is on.
+
+    Off, everything is off: the hook would ask the global OTel providers (and os.environ) on every
+    request whether to trace, ~4% of a cached read for nothing (bench/README.md). On, only the
+    SERVER span: its metrics and logs would go to OTel providers Atrium does not configure
+    (Prometheus has the metrics, loguru the logs), and the per-operation spans (dependencies,
+    endpoint, serialization) come from FastAPI's own request handler only, which the fast path's
+    handler replaces: without them a request's trace has the same shape on both paths (the SERVER
+    span, then the database, cache and HTTP calls beneath it).
+    """
+    if not traced:
+        return {"tracing": False, "metrics": False, "logs": False}
+    return {"tracing": True, "metrics": False, "logs": False, "operation_spans": False,
+            "tracer_provider": tracing_provider()}
+
+
+def _scope_routes(routes: Sequence[Any], module: str) -> None:
+    """Each route's ASGI app (the fast path's or FastAPI's) runs in ``module_scope(module)``: its
+    spans, and the request's SERVER span, carry ``atrium.module``. A route without its own app (a
+    nested router that ``add_routes`` had to include as it is) stays ``core``."""
+    for route in routes:
+        if isinstance(route, Route):
+            route.app = scoped_app(route.app, module)
 
 
 @asynccontextmanager
@@ -110,6 +148,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         from migrations import upgrade
 
         await asyncio.to_thread(upgrade, settings)
+    # Again after a previous lifespan of this process shut tracing down (tests start many apps).
+    configure_tracing(settings, "api")
     await container.init_resources()
     app.state.sessions = container.sessions()
     app.state.read_sessions = container.read_sessions()  # core.edge.routes.ReadSession; or the primary
@@ -150,6 +190,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             # Off the loop: the worker's threads may be waiting on coroutines scheduled on it.
             await asyncio.to_thread(worker.stop)
         await container.shutdown_resources()  # disposes the pool, closes cache and broker
+        await asyncio.to_thread(shutdown_tracing)  # exports the spans still waiting
         logger.info("atrium stopped")
         access_log().flush()
         flush_logs()  # uvicorn may end a worker by its signal next, which skips atexit
@@ -180,7 +221,8 @@ def run_worker(settings: Settings, threads: int | None = None) -> None:
     stop = threading.Event()  # handlers first: a SIGTERM during start-up still stops cleanly
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    configure_logging(settings.log_level, settings.log_json)
+    configure_logging(settings.log_level, settings.log_json,
+                      traced=bool(settings.otel_exporter_otlp_endpoint))
     disable_multiprocess()  # the worker serves its own metrics, never into `serve`'s shared files
     modules = load_modules(settings.modules)
     container = build_container(settings, modules)  # every enabled module: providers, outbox routes
@@ -191,6 +233,9 @@ def run_worker(settings: Settings, threads: int | None = None) -> None:
                                table=OutboxMessage.__tablename__))
     if settings.broker_backend != "stub":
         check_broker(settings.broker_backend, settings.broker_url, settings.health_timeout)
+    # After the checks (their connections are no job's), before the engine is made (its statements
+    # are traced from then on).
+    configure_tracing(settings, "worker")
     bridge = container.bridge()
     bridge.start_thread()
     bridge.run(_init_resources(container))
@@ -226,6 +271,7 @@ def run_worker(settings: Settings, threads: int | None = None) -> None:
         stop_metrics()
     bridge.run(_shutdown_resources(container))
     bridge.stop_thread()
+    shutdown_tracing()  # exports the spans still waiting
     logger.info("worker stopped")
 
 

@@ -337,6 +337,15 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
+    # Tracing (README "Tracing", core/observability/tracing.py): OpenTelemetry spans sent over OTLP/HTTP
+    # to <endpoint>/v1/traces (e.g. http://collector:4318); empty = off, and nothing of the
+    # OpenTelemetry SDK is even imported.
+    otel_exporter_otlp_endpoint: str = ""
+    # The share of new traces recorded (parent-based: a request or job continues its caller's choice).
+    otel_sampling_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    # service.name of the spans; empty = atrium-api for `serve`, atrium-worker for `worker`.
+    otel_service_name: str = ""
+
     @model_validator(mode="before")
     @classmethod
     def _apply_profile(cls, data: Any) -> Any:
@@ -487,6 +496,14 @@ class Settings(BaseSettings):
         if value:
             check_server_url("ATRIUM_PAYMENTS_URL", value, ("https", "http"))
         return value
+
+    @field_validator("otel_exporter_otlp_endpoint")
+    @classmethod
+    def _check_otlp_endpoint(cls, value: str) -> str:
+        if value:
+            check_server_url("ATRIUM_OTEL_EXPORTER_OTLP_ENDPOINT", value, ("http", "https"),
+                             why="the OTLP/HTTP exporter")
+        return value.strip()
 
     @model_validator(mode="after")
     def _check_servers(self) -> Settings:

@@ -18,6 +18,11 @@ from email.utils import formatdate, make_msgid, parseaddr
 from typing import Protocol
 
 from loguru import logger
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
+
+# The global provider's tracer (a proxy until tracing is configured: core.observability.tracing).
+_tracer = trace.get_tracer(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +163,27 @@ class SmtpEmailSender:
 
     async def send(self, message: EmailMessage) -> None:
         mime = self._mime(message)  # header problems are caller bugs: raise them as they are
+        # Tracing on, a send inside a recorded trace (a job's) gets a CLIENT span. The check is the
+        # OpenTelemetry API's (email may not import core.observability): while tracing is off no
+        # span is ever recording, so the cost is one context lookup per mail.
+        if not trace.get_current_span().is_recording():
+            await self._send(message, mime)
+            return
+        attributes: dict[str, str | int] = {"server.address": self.host, "server.port": self.port,
+                      "network.protocol.name": "smtp", "atrium.email.message_id": str(mime["Message-ID"])}
+        # No recipient, subject or body on the span: they are personal data, and spans travel
+        # further than logs. The Message-ID finds the mail in the relay's own logs.
+        with _tracer.start_as_current_span("SMTP send", kind=SpanKind.CLIENT, attributes=attributes,
+                                           record_exception=False, set_status_on_exception=False) as span:
+            try:
+                await self._send(message, mime)
+            except EmailDeliveryError as exc:
+                cause = exc.__cause__ or exc
+                span.set_attribute("error.type", type(cause).__qualname__)
+                span.set_status(StatusCode.ERROR)  # no description: the error's text names the recipient
+                raise
+
+    async def _send(self, message: EmailMessage, mime: MimeMessage) -> None:
         try:
             await asyncio.to_thread(self._deliver, mime)
         except (smtplib.SMTPException, OSError) as exc:

@@ -21,7 +21,12 @@ from sqlalchemy import event
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext import asyncio as sa_asyncio
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+# ``sa_asyncio.create_async_engine`` is looked up on its module at each call: with tracing on, the
+# SQLAlchemy instrumentation replaces it there (core.observability.tracing) and traces every engine
+# made from then on.
 
 FAST_PATH = "atrium_fast_path"  # the engine's execution option: True when the fast path serves it
 
@@ -82,7 +87,7 @@ def create_engine(
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(
+        engine = sa_asyncio.create_async_engine(
             url,
             echo=echo,
             pool_pre_ping=pool_pre_ping,
@@ -110,7 +115,7 @@ def create_engine(
         # asyncpg's default timeout of every command on the connection, the cancellation of a
         # timed-out one included: the bound on a server that answers nothing.
         connect_args["command_timeout"] = statement_timeout + STATEMENT_GRACE
-    engine = create_async_engine(
+    engine = sa_asyncio.create_async_engine(
         url,
         echo=echo,
         connect_args=connect_args,

@@ -5,6 +5,13 @@ A change and the events/jobs it causes are written in one transaction (``Outbox.
 unpublished rows to the broker and marks them. If the broker is down the rows wait and the
 relay retries, so nothing committed is lost. Consumers record each message id in the inbox in
 the same transaction as their effect, so a message delivered twice takes effect once.
+
+Tracing (on by settings): a row also keeps the W3C context of the span that wrote it (the request,
+or the job whose transaction wrote it). The relay sends each message in a PRODUCER span
+``<name> publish``, a child of that stored context, and puts the producer's own context in the
+message (option ``trace_context``); the job continues the trace from there (``core.messaging.queue``).
+So a trace goes request -> relay -> job -> the job's event -> relay -> next job, whenever the relay
+gets to it: with the broker down for an hour, the trace resumes when the row leaves.
 """
 
 from __future__ import annotations
@@ -25,8 +32,17 @@ from sqlalchemy.orm import Mapped, mapped_column
 from core.db.base import Base, new_id, utcnow
 from core.db.session import insert_or_ignore, on_commit
 from core.messaging.events import IntegrationEvent
-from core.messaging.queue import dump_payload
+from core.messaging.queue import (
+    EVENT_OPTION,
+    TRACE_OPTION,
+    current_trace_context,
+    dump_payload,
+    messaging_span,
+    tracer_and_propagator,
+)
 from core.observability.context import request_id_var
+from core.observability.tracing import enabled as tracing_enabled
+from core.observability.tracing import quiet
 
 if TYPE_CHECKING:
     from core.observability.metrics import OutboxMetrics
@@ -50,6 +66,16 @@ class OutboxMessage(Base):
     # Set when a row can never be delivered (no such task): kept for inspection, never retried,
     # so it cannot block the rows behind it.
     parked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The W3C context of the span that wrote the row (None with tracing off): where the trace resumes.
+    traceparent: Mapped[str | None] = mapped_column(String(55), default=None)
+    tracestate: Mapped[str | None] = mapped_column(String(512), default=None)
+
+    def trace_context(self) -> dict[str, str]:
+        """The stored context as a W3C carrier (empty when none was stored)."""
+        carrier = {"traceparent": self.traceparent} if self.traceparent else {}
+        if carrier and self.tracestate:
+            carrier["tracestate"] = self.tracestate
+        return carrier
 
 
 class InboxMessage(Base):
@@ -73,8 +99,10 @@ class Outbox:
         self._add(session, JOB, task_name, dump_payload(payload), new_id())
 
     def _add(self, session: AsyncSession, kind: str, name: str, payload: Any, row_id: uuid.UUID) -> None:
+        traceparent, tracestate = current_trace_context()
         session.add(OutboxMessage(id=row_id, kind=kind, name=name, payload=payload,
-                                  request_id=request_id_var.get()))
+                                  request_id=request_id_var.get(), traceparent=traceparent,
+                                  tracestate=tracestate))
         if self._notify is not None:
             on_commit(session, self._notify)
 
@@ -168,6 +196,12 @@ class OutboxRelay:
 
     async def relay_once(self) -> int:
         """Send one batch of unpublished rows; returns how many rows were handled."""
+        # No spans for the relay's own statements and broker commands (each poll would be a trace of
+        # its own); what it sends is still traced: one PRODUCER span per message (_deliver).
+        with quiet():
+            return await self._relay_batch()
+
+    async def _relay_batch(self) -> int:
         async with self._sessions() as session:
             stmt = (
                 select(OutboxMessage)
@@ -181,6 +215,7 @@ class OutboxRelay:
             if not rows:
                 await session.rollback()
                 return 0
+            sent: list[str] = []  # the names of the events among the rows sent (for the per-module count)
             published = 0
             for row in rows:
                 try:
@@ -193,22 +228,29 @@ class OutboxRelay:
                     continue
                 try:
                     for message in messages:
-                        await self._deliver(message)
+                        await self._deliver(row, message)
                 except Exception as exc:  # broker trouble: stop here, keep the row, retry later
                     row.attempts += 1
                     row.last_error = f"{type(exc).__name__}: {exc}"[:2000]
                     await session.commit()
-                    self._count_published(published)
+                    self._count_published(published, sent)
                     raise
                 row.published_at = utcnow()
                 published += 1
+                if row.kind == EVENT:
+                    sent.append(row.name)
             await session.commit()
-            self._count_published(published)
+            self._count_published(published, sent)
             return len(rows)
 
-    def _count_published(self, rows: int) -> None:
-        if self._metrics is not None and rows:
+    def _count_published(self, rows: int, events: list[str]) -> None:
+        """Counted once committed: a row whose mark was lost is sent (and counted) again next pass."""
+        if self._metrics is None:
+            return
+        if rows:
             self._metrics.published.inc(rows)
+        for name in events:  # the emitting module: the event name's prefix
+            self._metrics.event_published(name.split(".", 1)[0], name)
 
     async def oldest_waiting_age(self) -> float:
         """Seconds since the oldest unpublished, unparked row was written (0 when none waits)."""
@@ -221,26 +263,55 @@ class OutboxRelay:
 
     async def _measure_lag(self, metrics: OutboxMetrics) -> None:
         try:
-            metrics.lag.set(await self.oldest_waiting_age())
+            with quiet():
+                metrics.lag.set(await self.oldest_waiting_age())
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the database is down: the relay already says so; keep the last value
             logger.debug("outbox: measuring the lag failed: {}", exc)
 
-    async def _deliver(self, message: Message[Any]) -> None:
+    async def _deliver(self, row: OutboxMessage, message: Message[Any]) -> None:
+        if not tracing_enabled():
+            await self._send_now(message)  # with the row's stored context, if any, passed on as it is
+            return
+        attributes: dict[str, str | int | bool] = {
+            "messaging.system": "dramatiq",
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "publish",
+            "messaging.destination.name": message.queue_name,
+            "messaging.message.id": message.message_id,
+            "atrium.task": message.actor_name,
+            "atrium.outbox.kind": row.kind,
+            "atrium.outbox.message_id": str(row.id),
+            "atrium.outbox.attempt": row.attempts + 1,
+            "atrium.request_id": row.request_id,
+        }
+        # The module that wrote the row: the event's publisher, or the module of the job.
+        module = row.name.split(".", 1)[0]
+        with messaging_span(f"{row.name} publish", "PRODUCER", module, row.trace_context(), attributes):
+            carrier: dict[str, str] = {}
+            tracer_and_propagator()[1].inject(carrier)  # the job continues from this span
+            message.options[TRACE_OPTION] = carrier
+            await self._send_now(message)
+
+    async def _send_now(self, message: Message[Any]) -> None:
         result = self._send(message)
         if asyncio.iscoroutine(result):
             await result
 
     def _messages(self, row: OutboxMessage) -> list[Message[Any]]:
         targets = [row.name] if row.kind == JOB else list(self._routes.get(row.name, ()))
+        options: dict[str, Any] = {EVENT_OPTION: row.name} if row.kind == EVENT else {}
+        carrier = row.trace_context()
+        if carrier:  # passed on as stored; with tracing on, _deliver puts its PRODUCER span's instead
+            options[TRACE_OPTION] = carrier
         return [
             Message(
                 queue_name=self._queue_of(target),
                 actor_name=target,
                 args=(),
                 kwargs={"message_id": str(row.id), "request_id": row.request_id, "payload": row.payload},
-                options={},
+                options=dict(options),
             )
             for target in targets
         ]

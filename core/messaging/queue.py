@@ -5,19 +5,24 @@ bound to a broker at import time. ``JobRunner`` declares them as dramatiq actors
 the container chose, and runs each message on an asyncio loop (the API's loop for the
 in-process development worker, a dedicated loop thread in ``atrium worker``) inside one
 transaction that first records the message in the inbox: a message delivered twice runs once.
+
+With tracing on, a message carries the W3C context it was sent with in its ``trace_context``
+option (see ``core.messaging.outbox``), and each attempt of the job is a CONSUMER span
+``<task> process``, a child of that context, linked to the span that sent the message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
@@ -37,8 +42,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.db.session import UnitOfWork
 from core.observability.context import request_id_var
+from core.observability.tracing import enabled as tracing_enabled
+from core.observability.tracing import module_scope
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span, Tracer
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
     from core.observability.metrics import JobMetrics
 
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$")
@@ -148,6 +158,92 @@ class BrokerSender:
             await asyncio.to_thread(self._broker.enqueue, message)
 
 
+# --- the trace context, from the request through the outbox into the job -------------------------
+
+# The message option that carries the W3C context a job continues: {"traceparent": .., "tracestate": ..}.
+# An option rather than an argument of the actor: messages queued by an earlier version (without it)
+# still run, and a worker of an earlier version ignores it.
+TRACE_OPTION = "trace_context"
+# The message option naming the integration event a message carries (absent for a plain job): what
+# ``atrium_events_consumed_total`` counts.
+EVENT_OPTION = "event"
+TRACESTATE_MAX = 512  # the outbox column; W3C asks every propagator to carry at least this much
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What the broker's message says besides the job's arguments (read only with tracing on)."""
+
+    trace_context: Mapping[str, str] | None = None
+    attempt: int = 1  # 1 + the retries dramatiq made before this one
+    broker_message_id: str | None = None
+
+
+_tracing: tuple[Tracer, TraceContextTextMapPropagator] | None = None
+
+
+def tracer_and_propagator() -> tuple[Tracer, TraceContextTextMapPropagator]:
+    """The messaging tracer and the W3C propagator, imported on first use: tracing off costs nothing.
+
+    Always W3C trace context, whatever OTEL_PROPAGATORS says: it is what the outbox columns hold.
+    """
+    global _tracing
+    if _tracing is None:
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        _tracing = trace.get_tracer("atrium.messaging"), TraceContextTextMapPropagator()
+    return _tracing
+
+
+def current_trace_context() -> tuple[str | None, str | None]:
+    """The traceparent and tracestate of the current span; (None, None) with tracing off or no span."""
+    if not tracing_enabled():
+        return None, None
+    carrier: dict[str, str] = {}
+    tracer_and_propagator()[1].inject(carrier)  # injects nothing when no span is current
+    return carrier.get("traceparent"), fit_tracestate(carrier.get("tracestate"))
+
+
+def fit_tracestate(value: str | None) -> str | None:
+    """``value`` cut to ``TRACESTATE_MAX`` characters by dropping whole entries from its end (W3C's rule)."""
+    if value is None or len(value) <= TRACESTATE_MAX:
+        return value
+    entries = value.split(",")
+    while entries and len(",".join(entries)) > TRACESTATE_MAX:
+        entries.pop()
+    return ",".join(entries) or None
+
+
+@contextlib.contextmanager
+def messaging_span(name: str, kind_name: Literal["PRODUCER", "CONSUMER"], module: str,
+                   carrier: Mapping[str, str] | None, attributes: dict[str, str | int | bool], *,
+                   link: bool = False) -> Iterator[Span]:
+    """A span of ``kind_name`` (PRODUCER or CONSUMER) whose parent is the context in ``carrier``.
+
+    No carrier (a row written with tracing off, a message of an earlier version): a new trace, never
+    the ambient context. ``link``: also link the span to that context (the span that sent a message).
+    An exception, even a cancellation (a job's time limit), is recorded and marks the span an ERROR.
+    The span and those started inside (SQL, HTTP, SMTP) carry ``atrium.module=<module>``.
+    """
+    from opentelemetry.trace import Link, SpanKind, Status, StatusCode, get_current_span
+
+    tracer, propagator = tracer_and_propagator()
+    parent = propagator.extract(carrier or {})
+    sender = get_current_span(parent).get_span_context()
+    links = [Link(sender)] if link and sender.is_valid else None
+    with module_scope(module), tracer.start_as_current_span(
+        name, context=parent, kind=SpanKind[kind_name], links=links, attributes=attributes,
+        record_exception=False, set_status_on_exception=False,
+    ) as span:
+        try:
+            yield span
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:500]))
+            raise
+
+
 # --- running jobs --------------------------------------------------------------------------
 
 class LoopBridge:
@@ -226,17 +322,20 @@ class JobRunner:
 
         def run_message(message_id: str, request_id: str, payload: Any) -> None:
             started = time.perf_counter()
+            delivery = self._delivery() if tracing_enabled() else None
             try:
-                self.bridge.run(self.execute(t.name, message_id, request_id, payload))
+                ran = self.bridge.run(self.execute(t.name, message_id, request_id, payload, delivery))
             except (Exception, TimeLimitExceeded) as exc:
                 last = self._is_last_attempt(t)
                 if self._metrics is not None:
                     self._metrics.failed_attempt(t.name, time.perf_counter() - started, will_retry=not last)
                 if t.on_exhausted is not None and last:
-                    self.bridge.run(self.give_up(t.name, message_id, request_id, payload, exc))
+                    self.bridge.run(self.give_up(t.name, message_id, request_id, payload, exc, delivery))
                 raise
             if self._metrics is not None:
                 self._metrics.succeeded(t.name, time.perf_counter() - started)
+                if ran:  # took effect: a redelivered duplicate, skipped by the inbox, is not counted again
+                    self._count_event(t)
 
         run_message.__name__ = t.name.replace(".", "_")
         dramatiq.Actor(run_message, broker=self.broker, actor_name=t.name, queue_name=self.queue_of(t.name),
@@ -252,6 +351,24 @@ class JobRunner:
                                     else self._default_max_retries)
         return limit is not None and retries >= limit
 
+    def _count_event(self, t: Task) -> None:
+        assert self._metrics is not None
+        message = CurrentMessage.get_current_message()
+        if message is not None and message.options.get(EVENT_OPTION):
+            self._metrics.event_consumed(t.module, t.name)
+
+    @staticmethod
+    def _delivery() -> Delivery | None:
+        message = CurrentMessage.get_current_message()
+        if message is None:
+            return None
+        carrier = message.options.get(TRACE_OPTION)
+        return Delivery(
+            trace_context=carrier if isinstance(carrier, dict) else None,
+            attempt=int(message.options.get("retries", 0)) + 1,
+            broker_message_id=message.message_id,
+        )
+
     @property
     def queues(self) -> set[str]:
         return {self._queue_prefix + t.module for t in self.tasks.values()}
@@ -259,9 +376,22 @@ class JobRunner:
     def queue_of(self, task_name: str) -> str:
         return self._queue_prefix + self.tasks[task_name].module
 
-    async def execute(self, task_name: str, message_id: str, request_id: str, payload: Any) -> bool:
-        """Run one message in one transaction; False when it had already been processed."""
+    async def execute(self, task_name: str, message_id: str, request_id: str, payload: Any,
+                      delivery: Delivery | None = None) -> bool:
+        """Run one message in one transaction; False when it had already been processed.
+
+        With tracing on, the attempt is the CONSUMER span ``<task> process`` (see ``messaging_span``).
+        """
         t = self.tasks[task_name]
+        if not tracing_enabled():
+            return await self._execute(t, message_id, request_id, payload)
+        with self._span(t, "process", message_id, request_id, delivery) as span:
+            ran = await self._execute(t, message_id, request_id, payload)
+            if not ran:
+                span.set_attribute("atrium.job.duplicate", True)
+            return ran
+
+    async def _execute(self, t: Task, message_id: str, request_id: str, payload: Any) -> bool:
         token = request_id_var.set(request_id)
         try:
             value = t.payload.validate_python(payload)
@@ -275,12 +405,26 @@ class JobRunner:
         finally:
             request_id_var.reset(token)
 
-
     async def give_up(self, task_name: str, message_id: str, request_id: str, payload: Any,
-                      error: BaseException) -> bool:
-        """Run the task's ``on_exhausted`` once per message; False when it had already run."""
+                      error: BaseException, delivery: Delivery | None = None) -> bool:
+        """Run the task's ``on_exhausted`` once per message; False when it had already run.
+
+        With tracing on, in a CONSUMER span ``<task> give_up`` beside the attempts' spans.
+        """
         t = self.tasks[task_name]
         assert t.on_exhausted is not None
+        try:
+            if not tracing_enabled():
+                return await self._give_up(t, message_id, request_id, payload, error)
+            with self._span(t, "give_up", message_id, request_id, delivery):
+                return await self._give_up(t, message_id, request_id, payload, error)
+        except Exception as exc:  # the message is dead-lettered either way; keep the original error
+            logger.exception("job {}: on_exhausted failed (message {}): {}", t.name, message_id, exc)
+            return False
+
+    async def _give_up(self, t: Task, message_id: str, request_id: str, payload: Any,
+                       error: BaseException) -> bool:
+        assert t.on_exhausted is not None  # for mypy: give_up checked it
         token = request_id_var.set(request_id)
         try:
             value = t.payload.validate_python(payload)
@@ -293,11 +437,28 @@ class JobRunner:
             logger.error("job {} gave up after its last retry (message {}): {}: {}",
                          t.name, message_id, type(error).__name__, error)
             return True
-        except Exception as exc:  # the message is dead-lettered either way; keep the original error
-            logger.exception("job {}: on_exhausted failed (message {}): {}", t.name, message_id, exc)
-            return False
         finally:
             request_id_var.reset(token)
+
+    def _span(self, t: Task, operation: str, message_id: str, request_id: str,
+              delivery: Delivery | None) -> contextlib.AbstractContextManager[Span]:
+        """The CONSUMER span of one attempt: a child of the context the message was sent with, and
+        linked to it (the relay's PRODUCER span), so each retry is its own span of the same trace."""
+        delivery = delivery or Delivery()
+        attributes: dict[str, str | int | bool] = {
+            "messaging.system": "dramatiq",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": operation,
+            "messaging.destination.name": self.queue_of(t.name),
+            "atrium.task": t.name,
+            "atrium.outbox.message_id": message_id,
+            "atrium.request_id": request_id,
+            "atrium.job.attempt": delivery.attempt,
+        }
+        if delivery.broker_message_id is not None:
+            attributes["messaging.message.id"] = delivery.broker_message_id
+        return messaging_span(f"{t.name} {operation}", "CONSUMER", t.module, delivery.trace_context,
+                              attributes, link=True)
 
 
 def dump_payload(value: Any) -> Any:

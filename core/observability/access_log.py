@@ -29,26 +29,34 @@ from typing import TextIO
 
 import orjson
 
-Entry = tuple[float, str, str, int, float, str]  # time, method, path, status, duration ms, request id
+from core.observability.context import current_ids
+
+# time, method, path, status, duration ms, request id, and (tracing on, a span current) the trace
+# and span ids of the request's SERVER span
+Entry = tuple[float, str, str, int, float, str, "tuple[str, str] | None"]
 
 
 def json_line(entry: Entry, pid: int) -> str:
-    at, method, path, status, duration_ms, request_id = entry
-    return orjson.dumps({
+    at, method, path, status, duration_ms, request_id, ids = entry
+    line: dict[str, object] = {
         "ts": datetime.fromtimestamp(at, UTC).isoformat(),
         "level": "INFO",
         "logger": "access",
         "msg": f"{method} {path} {status} {duration_ms:.1f}ms",
         "request_id": request_id,
-        "pid": pid,
-        "extra": {"method": method, "path": path, "status": status, "duration_ms": round(duration_ms, 3)},
-    }).decode() + "\n"
+    }
+    if ids is not None:
+        line["trace_id"], line["span_id"] = ids
+    line["pid"] = pid
+    line["extra"] = {"method": method, "path": path, "status": status, "duration_ms": round(duration_ms, 3)}
+    return orjson.dumps(line).decode() + "\n"
 
 
 def text_line(entry: Entry, pid: int) -> str:
-    at, method, path, status, duration_ms, request_id = entry
+    at, method, path, status, duration_ms, request_id, ids = entry
     clock = datetime.fromtimestamp(at).strftime("%H:%M:%S.%f")[:-3]
-    return f"{clock} INFO    {request_id} {method} {path} {status} {duration_ms:.1f}ms\n"
+    trace = "" if ids is None else f" trace_id={ids[0]} span_id={ids[1]}"
+    return f"{clock} INFO    {request_id}{trace} {method} {path} {status} {duration_ms:.1f}ms\n"
 
 
 class AccessLog:
@@ -58,6 +66,7 @@ class AccessLog:
         *,
         json: bool = False,
         enabled: bool = True,
+        traced: bool = False,
         interval: float = 0.1,
         batch: int = 512,
         capacity: int = 100_000,
@@ -65,6 +74,7 @@ class AccessLog:
         self._stream = stream
         self._format = json_line if json else text_line
         self.enabled = enabled
+        self._traced = traced  # tracing configured: each line takes the current span's ids
         self._interval = interval
         self._batch = batch
         self._entries: deque[Entry] = deque(maxlen=capacity)
@@ -80,7 +90,8 @@ class AccessLog:
     def record(self, method: str, path: str, status: int, duration_ms: float, request_id: str) -> None:
         """The request path's only cost: one append (thread-safe; never blocks on I/O)."""
         entries = self._entries
-        entries.append((time.time(), method, path, status, duration_ms, request_id))
+        entries.append((time.time(), method, path, status, duration_ms, request_id,
+                        current_ids() if self._traced else None))
         self._appended += 1
         if self._thread is None:
             self._start()
@@ -116,7 +127,7 @@ class AccessLog:
             if dropped > 0:
                 self._dropped += dropped
                 notice = f"access log: {dropped} line(s) dropped"
-                lines.append(fmt((time.time(), "-", notice, 0, 0.0, "-"), pid))
+                lines.append(fmt((time.time(), "-", notice, 0, 0.0, "-", None), pid))
             if not lines:
                 return 0
             try:
@@ -147,11 +158,12 @@ def access_log() -> AccessLog:
     return _current
 
 
-def configure(*, json: bool, enabled: bool, stream: Callable[[], TextIO] = lambda: sys.stderr) -> AccessLog:
+def configure(*, json: bool, enabled: bool, stream: Callable[[], TextIO] = lambda: sys.stderr,
+              traced: bool = False) -> AccessLog:
     """Replace the process's access log (what was waiting in the old one is written first)."""
     global _current
     _current.close()
-    _current = AccessLog(stream, json=json, enabled=enabled)
+    _current = AccessLog(stream, json=json, enabled=enabled, traced=traced)
     return _current
 
 

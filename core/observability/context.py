@@ -1,10 +1,13 @@
-"""The request id of the work in progress, visible to every log line and every job it causes."""
+"""The request id of the work in progress, visible to every log line and every job it causes, and
+the ids of the current OpenTelemetry span (tracing on)."""
 
 from __future__ import annotations
 
 import os
 import re
 from contextvars import ContextVar
+
+from opentelemetry import trace
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
@@ -21,3 +24,14 @@ def accept_request_id(candidate: str | None) -> str:
     if candidate and _WELL_FORMED.fullmatch(candidate):
         return candidate
     return new_request_id()
+
+
+def current_ids() -> tuple[str, str] | None:
+    """The W3C trace id (32 hex digits) and span id (16) of the current span; None without one.
+
+    The OpenTelemetry API alone (FastAPI imports it anyway): called only when tracing is configured.
+    """
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    return f"{context.trace_id:032x}", f"{context.span_id:016x}"

@@ -1,6 +1,7 @@
 """Loguru for everything: readable lines in development, JSON lines in production.
 
-Every record carries the request id of the work that produced it. With ``enqueue=True`` (the
+Every record carries the request id of the work that produced it and, tracing on, the ids of the
+span current when it was logged (``configure_logging(traced=True)``). With ``enqueue=True`` (the
 servers) a formatted line goes into an in-process queue and a writer thread writes it, so the
 request path never waits on log I/O. That queue is a thread queue, not loguru's own ``enqueue``:
 loguru's is built for several processes and holds 8 named multiprocessing semaphores per sink, and
@@ -25,12 +26,15 @@ import orjson
 from loguru import logger
 
 from core.observability import access_log
-from core.observability.context import request_id_var
+from core.observability.context import current_ids, request_id_var
 
 _DEV_FORMAT = (
     "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> "
     "<cyan>{extra[request_id]}</cyan> <level>{message}</level>"
 )
+# Tracing configured: the current span's ids follow the request id (``trace`` is "" without a span).
+_DEV_FORMAT_TRACED = _DEV_FORMAT.replace("</cyan> ", "</cyan>{extra[trace]} ", 1)
+_OWN_KEYS = ("request_id", "logger", "_json", "trace", "trace_id", "span_id")  # not under "extra"
 
 
 class _InterceptHandler(logging.Handler):
@@ -48,6 +52,16 @@ def _patch(record: Any) -> None:
     record["extra"]["request_id"] = request_id_var.get()
 
 
+def _patch_traced(record: Any) -> None:
+    """``_patch``, and the current span's ids (a patcher runs on the logging thread, in its context)."""
+    extra = record["extra"]
+    extra["request_id"] = request_id_var.get()
+    ids = current_ids()
+    if ids is not None:
+        extra["trace_id"], extra["span_id"] = ids
+        extra["trace"] = f" trace_id={ids[0]} span_id={ids[1]}"
+
+
 def _json_line(record: Any) -> str:
     """One compact JSON object per line (loguru's own ``serialize`` nests a much larger record)."""
     line: dict[str, Any] = {
@@ -56,9 +70,12 @@ def _json_line(record: Any) -> str:
         "logger": record["extra"].get("logger") or record["name"],
         "msg": record["message"],
         "request_id": record["extra"].get("request_id", "-"),
-        "pid": record["process"].id,
     }
-    extra = {k: v for k, v in record["extra"].items() if k not in ("request_id", "logger", "_json")}
+    if "trace_id" in record["extra"]:
+        line["trace_id"] = record["extra"]["trace_id"]
+        line["span_id"] = record["extra"]["span_id"]
+    line["pid"] = record["process"].id
+    extra = {k: v for k, v in record["extra"].items() if k not in _OWN_KEYS}
     if extra:
         line["extra"] = extra
     if record["exception"] is not None:
@@ -159,18 +176,28 @@ def flush_logs() -> None:
         _writer.finish()
 
 
-def configure_logging(level: str = "INFO", json: bool = False, enqueue: bool = True) -> None:
+def configure_logging(level: str = "INFO", json: bool = False, enqueue: bool = True,
+                      traced: bool = False) -> None:
     """Install the single sink (and the access log, same stream and format, at INFO and below);
-    safe to call more than once (tests build several apps)."""
+    safe to call more than once (tests build several apps).
+
+    ``traced`` (tracing configured: ``ATRIUM_OTEL_EXPORTER_OTLP_ENDPOINT`` set): a line logged while
+    a span is current carries its ``trace_id`` and ``span_id`` after the request id. Without it the
+    lines, and their cost, are exactly as before.
+    """
     global _writer
     logger.remove()  # stops the previous writer thread, once it has written what it holds
-    logger.configure(patcher=_patch, extra={"request_id": "-"})
+    if traced:
+        logger.configure(patcher=_patch_traced, extra={"request_id": "-", "trace": ""})
+    else:
+        logger.configure(patcher=_patch, extra={"request_id": "-"})
     _writer = _WriterThread(sys.stderr) if enqueue else None
     sink: Any = _writer if _writer is not None else sys.stderr
     if json:
         logger.add(sink, level=level, format=_json_line, backtrace=False, diagnose=False)
     else:
-        logger.add(sink, level=level, format=_DEV_FORMAT, backtrace=False, diagnose=False, colorize=None)
+        logger.add(sink, level=level, format=_DEV_FORMAT_TRACED if traced else _DEV_FORMAT,
+                   backtrace=False, diagnose=False, colorize=None)
     # The stdlib levels must match ours: a root level of 0 would make uvicorn believe TRACE is
     # on and wrap every connection in its message logger (a tenth of the request cost).
     std_level = logging.getLevelName(level) if isinstance(logging.getLevelName(level), int) else logging.INFO
@@ -181,7 +208,8 @@ def configure_logging(level: str = "INFO", json: bool = False, enqueue: bool = T
         std.handlers = [_InterceptHandler()]
         std.propagate = False
         std.setLevel(std_level)
-    access_log.configure(json=json, enabled=logger.level(level.upper()).no <= logger.level("INFO").no)
+    access_log.configure(json=json, enabled=logger.level(level.upper()).no <= logger.level("INFO").no,
+                         traced=traced)
     # Our middleware writes the access log (core.observability.access_log); uvicorn's would duplicate it.
     logging.getLogger("uvicorn.access").disabled = True
     # SQLAlchemy turns on its (very chatty) mapper and SQL logging when INFO is enabled: SQL echo has

@@ -352,7 +352,8 @@ class DbPoolMetrics:
 
 
 class JobMetrics:
-    """Per task: messages processed, failed attempts, the failures dramatiq retries, and durations.
+    """Per task: messages processed, failed attempts, the failures dramatiq retries, and durations;
+    per module, the integration events its handlers consumed.
 
     ``failed`` counts every failed attempt, ``retried`` those dramatiq will run again: what was
     dead-lettered is ``failed - retried``.
@@ -366,10 +367,16 @@ class JobMetrics:
                                ["task"], registry=registry)
         self.duration = Histogram("atrium_job_duration_seconds", "Time a job attempt took, success or "
                                   "failure.", ["task"], buckets=JOB_BUCKETS, registry=registry)
+        # Per module (deliverable 3 of issue 17): integration events handled by a module's task.
+        self.events_consumed = Counter("atrium_events_consumed", "Integration event messages a module's "
+                                       "handler task processed.", ["module", "task"], registry=registry)
 
     def succeeded(self, task: str, seconds: float) -> None:
         self.processed.labels(task).inc()
         self.duration.labels(task).observe(seconds)
+
+    def event_consumed(self, module: str, task: str) -> None:
+        self.events_consumed.labels(module, task).inc()
 
     def failed_attempt(self, task: str, seconds: float, *, will_retry: bool) -> None:
         self.failed.labels(task).inc()
@@ -379,7 +386,8 @@ class JobMetrics:
 
 
 class OutboxMetrics:
-    """The relay's lag (age of the oldest row waiting to be sent) and the rows it published."""
+    """The relay's lag (age of the oldest row waiting to be sent), the rows it published and, per
+    module, the integration events among them."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.lag = Gauge("atrium_outbox_lag_seconds", "Age of the oldest unpublished, unparked outbox row at "
@@ -387,6 +395,13 @@ class OutboxMetrics:
                          multiprocess_mode="livemax")
         self.published = Counter("atrium_outbox_published", "Outbox rows sent to the broker.",
                                  registry=registry)
+        # Per module (deliverable 3 of issue 17): the module whose transaction wrote the event.
+        self.events_published = Counter("atrium_events_published", "Integration events sent to the "
+                                        "broker, by the module that emitted them.", ["module", "event"],
+                                        registry=registry)
+
+    def event_published(self, module: str, event: str) -> None:
+        self.events_published.labels(module, event).inc()
 
 
 # --- wiring ---------------------------------------------------------------------------------------

@@ -120,6 +120,27 @@ class TestPublish:
         assert row is not None
         assert row.request_id == "req-contract-0001"
 
+    async def test_keeps_the_trace_context_of_the_writer_or_none(
+        self, session: AsyncSession, outbox: Outbox
+    ) -> None:
+        untraced = Happened(subject="tracing off")
+        outbox.publish(session, untraced)  # tracing is off here: nothing to store
+        traceparent = f"00-{'ab' * 16}-{'cd' * 8}-01"  # the longest there is: 55 characters
+        tracestate = "vendor=" + "x" * 505  # the column's full width: 512 characters
+        traced = OutboxMessage(kind=EVENT, name="contract.Happened", payload={}, traceparent=traceparent,
+                               tracestate=tracestate)
+        session.add(traced)
+        await session.flush()
+        session.expunge_all()
+
+        row = await _row(session, untraced.event_id)
+        assert row is not None
+        assert (row.traceparent, row.tracestate, row.trace_context()) == (None, None, {})
+        row = await _row(session, traced.id)
+        assert row is not None
+        assert row.trace_context() == {"traceparent": traceparent, "tracestate": tracestate}
+        assert (len(row.traceparent or ""), len(row.tracestate or "")) == (55, 512)
+
     async def test_commit_runs_the_after_commit_hook_once(
         self, session: AsyncSession, outbox: Outbox, notify: Notify
     ) -> None:

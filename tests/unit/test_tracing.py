@@ -1,0 +1,380 @@
+"""Tracing (core/observability/tracing.py): spans of real requests, their module, the sampler, the
+log lines' ids, the SMTP span, and nothing of the OpenTelemetry SDK while tracing is off."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from loguru import logger
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, format_span_id, format_trace_id
+
+from config import ConfigError, load_settings
+from core.email import EmailDeliveryError, EmailMessage, SmtpEmailSender
+from core.observability import access_log, tracing
+from core.observability.logging import configure_logging
+from main import create_app
+from tests.support.services import require
+from tests.support.settings import make_settings
+from tests.support.smtp import SmtpServer, free_port
+from tests.support.stack import serve
+
+ENDPOINT = "http://127.0.0.1:4318"  # never reached: the tests export to memory
+
+
+@pytest.fixture
+def record() -> Iterator[Callable[..., InMemorySpanExporter]]:
+    """Turns tracing on with an in-memory exporter (spans exported as each ends); off afterwards."""
+
+    def start(ratio: float = 1.0) -> InMemorySpanExporter:
+        exporter = InMemorySpanExporter()
+        settings = make_settings(otel_exporter_otlp_endpoint=ENDPOINT, otel_sampling_ratio=ratio)
+        tracing.configure_tracing(settings, "api", exporter=exporter)
+        assert tracing.enabled()
+        return exporter
+
+    try:
+        yield start
+    finally:
+        tracing.shutdown_tracing()
+    assert not tracing.enabled()
+
+
+def by_name(spans: tuple[ReadableSpan, ...], name: str) -> ReadableSpan:
+    [span] = [s for s in spans if s.name == name]
+    return span
+
+
+def children(spans: tuple[ReadableSpan, ...], parent: ReadableSpan) -> list[ReadableSpan]:
+    assert parent.context is not None
+    return [s for s in spans if s.parent is not None and s.parent.span_id == parent.context.span_id]
+
+
+# --- off: nothing of the SDK ------------------------------------------------------------------------
+
+
+def test_with_tracing_off_nothing_of_the_sdk_is_imported(sqlite_url: str) -> None:
+    """A fresh process builds the app, runs its lifespan and a request without an endpoint.
+
+    Not even the SDK's tracing, an exporter or an instrumentation is loaded. (redis-py 8.2 imports
+    ``opentelemetry.sdk.metrics`` itself, at import, whenever the SDK is installed: its own optional
+    metrics, which stay off. That is redis-py's, whatever the settings say, so it is not checked.)
+    """
+    code = (
+        "import asyncio, sys\n"
+        "from main import create_app\n"
+        "from tests.support.settings import make_settings\n"
+        "from tests.support.stack import serve\n"
+        f"app = create_app(make_settings(database_url={sqlite_url!r}, auto_migrate=False,"
+        " run_worker_in_process=False))\n"
+        "async def main():\n"
+        "    async with serve(app) as client:\n"
+        "        assert (await client.get('/api/v1/items')).status_code == 200\n"
+        "asyncio.run(main())\n"
+        "from core.observability import tracing\n"
+        "assert not tracing.enabled()\n"
+        "print(','.join(sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk.trace',"
+        " 'opentelemetry.instrumentation', 'opentelemetry.exporter')))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == ""
+
+
+def test_an_endpoint_that_is_no_http_url_is_refused() -> None:
+    with pytest.raises(ConfigError, match="ATRIUM_OTEL_EXPORTER_OTLP_ENDPOINT: grpc:// does not work"):
+        load_settings(env="test", otel_exporter_otlp_endpoint="grpc://collector:4317")
+    with pytest.raises(ConfigError, match="ATRIUM_OTEL_EXPORTER_OTLP_ENDPOINT: no host"):
+        load_settings(env="test", otel_exporter_otlp_endpoint="http:///v1/traces")
+    assert load_settings(env="test").otel_exporter_otlp_endpoint == ""
+
+
+def test_configure_without_an_endpoint_does_nothing() -> None:
+    tracing.configure_tracing(make_settings(), "api")
+    assert not tracing.enabled()
+
+
+# --- requests through the real app ---------------------------------------------------------------
+
+
+def app_settings(database_url: str, **overrides: Any) -> Any:
+    """A migrated database; no jobs run in the process (stopping that worker takes seconds)."""
+    return make_settings(database_url=database_url, auto_migrate=False, run_worker_in_process=False,
+                         relay_outbox_in_api=False, otel_exporter_otlp_endpoint=ENDPOINT, **overrides)
+
+
+@pytest.fixture(params=["on", "off"])
+async def traced_app(request: pytest.FixtureRequest, sqlite_url: str,
+                     record: Callable[..., InMemorySpanExporter]
+                     ) -> AsyncIterator[tuple[httpx.AsyncClient, InMemorySpanExporter]]:
+    exporter = record()
+    app = create_app(app_settings(sqlite_url, fast_path=request.param))
+    assert bool(app.state.container.fast_path()) is (request.param == "on")
+    async with serve(app) as client:
+        exporter.clear()  # the start-up's spans (none are expected: no parent, no trace)
+        yield client, exporter
+
+
+async def test_a_request_is_a_server_span_of_its_module_with_the_statements_beneath(
+    traced_app: tuple[httpx.AsyncClient, InMemorySpanExporter],
+) -> None:
+    client, exporter = traced_app
+
+    assert (await client.get("/api/v1/items")).status_code == 200
+
+    spans = exporter.get_finished_spans()
+    server = by_name(spans, "GET /api/v1/items")
+    assert server.kind is SpanKind.SERVER
+    assert server.parent is None
+    assert server.attributes is not None
+    assert server.attributes["atrium.module"] == "items"
+    assert server.attributes["http.route"] == "/api/v1/items"
+    statements = [s for s in children(spans, server) if s.name.startswith("SELECT")]
+    assert statements, [s.name for s in spans]
+    assert all(s.kind is SpanKind.CLIENT and (s.attributes or {})["atrium.module"] == "items"
+               for s in children(spans, server))
+    assert server.context is not None
+    assert {s.context.trace_id for s in spans if s.context} == {server.context.trace_id}
+
+
+async def test_a_span_outside_any_module_is_core_and_a_caller_trace_is_continued(
+    traced_app: tuple[httpx.AsyncClient, InMemorySpanExporter],
+) -> None:
+    client, exporter = traced_app
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+    response = await client.get("/health/live", headers={"traceparent": f"00-{trace_id}-{parent_id}-01"})
+    assert response.status_code == 200
+    assert (await client.get("/no/such/path")).status_code == 404
+
+    health = by_name(exporter.get_finished_spans(), "GET /health/live")
+    assert (health.attributes or {})["atrium.module"] == "core"
+    assert health.context is not None
+    assert health.parent is not None
+    assert format_trace_id(health.context.trace_id) == trace_id
+    assert format_span_id(health.parent.span_id) == parent_id
+    unrouted = by_name(exporter.get_finished_spans(), "GET")
+    assert (unrouted.attributes or {})["atrium.module"] == "core"
+
+
+async def test_a_ratio_of_zero_exports_nothing(sqlite_url: str,
+                                               record: Callable[..., InMemorySpanExporter]) -> None:
+    exporter = record(ratio=0.0)
+    app = create_app(app_settings(sqlite_url, otel_sampling_ratio=0.0))
+    async with serve(app) as client:
+        for _ in range(20):
+            assert (await client.get("/api/v1/items")).status_code == 200
+        with tracing.tracer("test").start_as_current_span("root"):
+            pass
+
+    assert exporter.get_finished_spans() == ()
+
+
+# --- the sampler and module_scope ----------------------------------------------------------------
+
+
+def test_module_scope_stamps_its_spans_and_core_is_the_rest(
+        record: Callable[..., InMemorySpanExporter]) -> None:
+    exporter = record()
+    tracer = tracing.tracer("test")
+
+    with tracing.module_scope("billing"), tracer.start_as_current_span("job"), \
+            tracer.start_as_current_span("inner"):
+        pass
+    with tracer.start_as_current_span("relay"):
+        pass
+
+    modules = {s.name: (s.attributes or {})["atrium.module"] for s in exporter.get_finished_spans()}
+    assert modules == {"job": "billing", "inner": "billing", "relay": "core"}
+    assert tracing.current_module.get() is None
+
+
+def test_a_client_span_starts_no_trace_but_follows_a_sampled_parent(
+        record: Callable[..., InMemorySpanExporter]) -> None:
+    exporter = record()
+    tracer = tracing.tracer("test")
+
+    with tracer.start_as_current_span("poll", kind=SpanKind.CLIENT):  # a background statement
+        pass
+    with tracer.start_as_current_span("job", kind=SpanKind.CONSUMER), \
+            tracer.start_as_current_span("call", kind=SpanKind.CLIENT):
+        pass
+
+    assert sorted(s.name for s in exporter.get_finished_spans()) == ["call", "job"]
+
+
+@pytest.mark.parametrize(("ratio", "sampled"), [(0.0, 0), (1.0, 200), (0.5, range(60, 141))])
+def test_the_ratio_applies_to_new_traces(ratio: float, sampled: int | range) -> None:
+    from opentelemetry.sdk.trace.sampling import Decision
+
+    sampler = tracing.build_sampler(ratio)
+    count = sum(
+        sampler.should_sample(None, trace_id, "x", SpanKind.SERVER).decision is Decision.RECORD_AND_SAMPLE
+        for trace_id in (n * (2**64 // 200) + 1 for n in range(200))  # spread over the 64 bits it reads
+    )
+    assert count in sampled if isinstance(sampled, range) else count == sampled
+
+
+# --- log lines ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stderr_lines(capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., list[str]]]:
+    def configure(*, json: bool, traced: bool) -> list[str]:
+        configure_logging(level="INFO", json=json, enqueue=False, traced=traced)  # sink: captured stderr
+        return []
+
+    try:
+        yield configure
+    finally:
+        configure_logging(level="WARNING", enqueue=False)
+
+
+def _logged(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if "hello" in line]
+
+
+def test_a_json_line_carries_the_ids_of_the_current_span(
+        record: Callable[..., InMemorySpanExporter], capsys: pytest.CaptureFixture[str],
+        stderr_lines: Callable[..., list[str]]) -> None:
+    record()
+    stderr_lines(json=True, traced=True)
+
+    logger.info("hello outside")
+    with tracing.tracer("test").start_as_current_span("work") as span:
+        logger.info("hello inside")
+
+    outside, inside = (json.loads(line) for line in _logged(capsys))
+    assert "trace_id" not in outside
+    assert "span_id" not in outside
+    context = span.get_span_context()
+    assert inside["trace_id"] == format_trace_id(context.trace_id)
+    assert inside["span_id"] == format_span_id(context.span_id)
+    assert list(inside)[:6] == ["ts", "level", "logger", "msg", "request_id", "trace_id"]
+    assert "extra" not in inside
+
+
+def test_a_text_line_carries_them_after_the_request_id_and_nothing_when_off(
+        record: Callable[..., InMemorySpanExporter], capsys: pytest.CaptureFixture[str],
+        stderr_lines: Callable[..., list[str]]) -> None:
+    record()
+    stderr_lines(json=False, traced=True)
+    with tracing.tracer("test").start_as_current_span("work") as span:
+        logger.info("hello traced")
+    stderr_lines(json=False, traced=False)
+    with tracing.tracer("test").start_as_current_span("work"):
+        logger.info("hello untraced")
+
+    traced, untraced = _logged(capsys)
+    context = span.get_span_context()
+    ids = f"trace_id={format_trace_id(context.trace_id)} span_id={format_span_id(context.span_id)}"
+    assert traced.endswith(f" - {ids} hello traced")
+    assert untraced.endswith(" - hello untraced")
+
+
+def test_the_access_line_carries_the_ids_of_the_request_span(
+        record: Callable[..., InMemorySpanExporter]) -> None:
+    record()
+    stream = io.StringIO()
+    log = access_log.AccessLog(lambda: stream, json=True, traced=True, interval=60)
+    with tracing.tracer("test").start_as_current_span("GET /p", kind=SpanKind.SERVER) as span:
+        log.record("GET", "/p", 200, 1.0, "req-1")
+    log.record("GET", "/q", 200, 1.0, "req-2")
+    log.flush()
+
+    inside, outside = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert inside["trace_id"] == format_trace_id(span.get_span_context().trace_id)
+    assert inside["span_id"] == format_span_id(span.get_span_context().span_id)
+    assert "trace_id" not in outside
+
+
+# --- SMTP -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    server = SmtpServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_an_smtp_send_is_a_client_span_without_the_recipient(
+        record: Callable[..., InMemorySpanExporter], smtp_server: SmtpServer) -> None:
+    exporter = record()
+    sender = SmtpEmailSender(smtp_server.host, smtp_server.port, "Atrium <no-reply@atrium.test>")
+    mail = EmailMessage(to="someone.private@example.com", subject="Your receipt", body="Paid.")
+
+    await sender.send(mail)  # no current span: no trace of its own
+    with tracing.module_scope("billing"), tracing.tracer("test").start_as_current_span(
+            "billing.send_receipt process", kind=SpanKind.CONSUMER):
+        await sender.send(mail)
+
+    spans = exporter.get_finished_spans()
+    job, smtp = by_name(spans, "billing.send_receipt process"), by_name(spans, "SMTP send")
+    assert smtp.kind is SpanKind.CLIENT
+    assert smtp.parent is not None
+    assert job.context is not None
+    assert smtp.parent.span_id == job.context.span_id
+    attributes: dict[str, Any] = dict(smtp.attributes or {})
+    assert attributes["server.address"] == smtp_server.host
+    assert attributes["server.port"] == smtp_server.port
+    assert attributes["atrium.module"] == "billing"
+    assert attributes["atrium.email.message_id"].endswith("@atrium.test>")
+    assert "someone.private" not in repr(attributes)
+    assert len(spans) == 2
+
+
+async def test_a_failed_smtp_send_is_an_error_span_without_the_recipient(
+        record: Callable[..., InMemorySpanExporter]) -> None:
+    exporter = record()
+    sender = SmtpEmailSender("127.0.0.1", free_port(), "no-reply@atrium.test", timeout=2)
+
+    with tracing.tracer("test").start_as_current_span("job", kind=SpanKind.CONSUMER), \
+            pytest.raises(EmailDeliveryError):
+        await sender.send(EmailMessage(to="someone.private@example.com", subject="s", body="b"))
+
+    smtp = by_name(exporter.get_finished_spans(), "SMTP send")
+    assert smtp.status.is_ok is False
+    assert (smtp.attributes or {})["error.type"] == "ConnectionRefusedError"
+    assert "someone.private" not in repr(smtp.attributes) + repr(smtp.events) + repr(smtp.status)
+
+
+# --- the fast path's Redis connection --------------------------------------------------------------
+
+
+async def test_a_command_on_the_fast_paths_redis_connection_is_a_client_span(
+        record: Callable[..., InMemorySpanExporter]) -> None:
+    """The redis instrumentation wraps redis-py's client, which this connection bypasses."""
+    from core.fastpath.redis import PipelinedConnection
+
+    require("redis")
+    exporter = record()
+    connection = PipelinedConnection("127.0.0.1", 6379)
+    try:
+        assert await connection.execute("PING") == b"PONG"  # no current span: no trace of its own
+        with tracing.module_scope("items"), tracing.tracer("test").start_as_current_span("GET /x"):
+            assert await connection.execute("MGET", "atrium-test:none", "atrium-test:nil") == [None, None]
+    finally:
+        await connection.aclose()
+
+    spans = exporter.get_finished_spans()
+    command = by_name(spans, "MGET")
+    assert command.kind is SpanKind.CLIENT
+    assert dict(command.attributes or {}) == {
+        "db.system": "redis", "db.statement": "MGET ? ?", "db.redis.database_index": 0,
+        "db.redis.args_length": 3, "net.peer.name": "127.0.0.1", "net.peer.port": 6379,
+        "atrium.module": "items",
+    }
+    assert [s.name for s in spans] == ["MGET", "GET /x"]
