@@ -2,7 +2,8 @@
 """Benchmark ``GET /api/v1/items/{id}`` and ``POST /api/v1/items`` on the production profile, with
 the fast path on and off (``ATRIUM_FAST_PATH``), against bare FastAPI baselines, plus 2 workers vs
 1 and the worker's memory after 100k/200k requests; or, with ``--pieces``, what each piece of the
-fast path buys on its own.
+fast path buys on its own; or, with ``--tracing``, what OpenTelemetry tracing costs (off, on at
+some sampling ratios), spans exported to a sink of the benchmark's own (``bench/otlp_sink.py``).
 
 Everything it needs it builds, and everything it builds it removes (in ``finally``, Ctrl-C
 included): a private PostgreSQL database ``atrium_bench_<random>``, Redis keys under a private
@@ -15,6 +16,7 @@ printed as PASS/FAIL for each mode.
     python bench/run.py --quick    # smoke: 1 round x 2 s per target, memory runs scaled down (~3 minutes)
     python bench/run.py --pieces   # each piece left off in turn vs all on and all off (~14 minutes)
     python bench/run.py --pieces --quick
+    python bench/run.py --tracing off,10,100   # tracing off, on at 10 % and 100 % sampling (~20 minutes)
 
 See bench/README.md for what each row measures and how to read the ratios.
 """
@@ -69,6 +71,10 @@ PIECES = ("handler", "transactions", "pool", "redis")
 MODES = ("on", "off", "auto")
 PIECE_BAR_PCT = 5.0  # a piece that buys less than this on every row goes (issue 14, item 8)
 ROW_NAMES = {"warm": "warm GET", "cold": "cold GET", "post": "POST"}  # the rows of --pieces
+# --tracing: "off" (no ATRIUM_OTEL_* at all, as deployed today) or a sampling percentage. Spans of a
+# traced variant go to http://127.0.0.1:<sink port>/<variant name>, i.e. POST /<variant>/v1/traces.
+TRACING_OFF = "off"
+TRACES_PATH = "/v1/traces"
 
 
 # UUIDs and request ids, so a log message repeated for many requests counts as one.
@@ -468,6 +474,7 @@ class Wrk:
         self.threads = threads
         self.connections = connections
         self.script = script
+        self.served: dict[str, int] = {}  # requests wrk completed per server (base URL), all runs
 
     def argv(self, target: Target, seconds: float) -> list[str]:
         argv = [self.binary, f"-t{self.threads}", f"-c{self.connections}", f"-d{seconds:g}s",
@@ -489,6 +496,7 @@ class Wrk:
         if result.returncode != 0:
             raise BenchError(f"wrk failed on {target.name}: {result.stderr or result.stdout}")
         sample = parse_wrk(result.stdout)
+        self.served[target.base] = self.served.get(target.base, 0) + sample.requests
         if before is not None and after is not None:
             sample.cpu_s = round(after - before, 3)
             if sample.requests:
@@ -501,12 +509,14 @@ class Wrk:
 
 @dataclass(frozen=True)
 class Variant:
-    """One configuration of the product servers: a fast path mode, less some pieces."""
+    """One configuration of the product servers: a fast path mode, less some pieces, traced or not."""
 
-    name: str  # "on", "off", "auto", "skip-pool"
-    label: str  # "fast path on", "on - pool"
+    name: str  # "on", "off", "auto", "skip-pool", "trace-10"
+    label: str  # "fast path on", "on - pool", "on, tracing 10 %"
     fast_path: str  # ATRIUM_FAST_PATH
     skip: tuple[str, ...] = ()  # ATRIUM_FAST_PATH_SKIP
+    sampling: float | None = None  # ATRIUM_OTEL_SAMPLING_RATIO; None: tracing off (no ATRIUM_OTEL_*)
+    otlp_endpoint: str = ""  # ATRIUM_OTEL_EXPORTER_OTLP_ENDPOINT when traced: the bench's sink
 
     @classmethod
     def mode(cls, mode: str) -> Variant:
@@ -516,10 +526,22 @@ class Variant:
     def without(cls, piece: str) -> Variant:
         return cls(f"skip-{piece}", f"on - {piece}", "on", (piece,))
 
+    @classmethod
+    def traced(cls, mode: str, level: str, sink: str) -> Variant:
+        """``mode`` with tracing ``level``: "off", or a sampling percentage exported to ``sink``."""
+        name = f"trace-{level}"
+        if level == TRACING_OFF:
+            return cls(name, f"{mode}, tracing off", mode)
+        return cls(name, f"{mode}, tracing {level} %", mode, sampling=float(level) / 100,
+                   otlp_endpoint=f"{sink}/{name}")
+
     def env(self) -> dict[str, str]:
         env = {"ATRIUM_FAST_PATH": self.fast_path}
         if self.skip:
             env["ATRIUM_FAST_PATH_SKIP"] = ",".join(self.skip)
+        if self.sampling is not None:
+            env["ATRIUM_OTEL_EXPORTER_OTLP_ENDPOINT"] = self.otlp_endpoint
+            env["ATRIUM_OTEL_SAMPLING_RATIO"] = f"{self.sampling:g}"
         return env
 
     def expected_pieces(self) -> list[str] | None:
@@ -555,6 +577,7 @@ class Config:
     memory_requests: int  # the first RSS milestone; the second is twice as many
     modes: tuple[str, ...]  # ATRIUM_FAST_PATH of the product servers, side by side
     pieces: tuple[str, ...]  # --pieces: the pieces measured one by one (empty: the main benchmark)
+    tracing: tuple[str, ...] = ()  # --tracing: "off" and sampling percentages (empty: not measured)
 
 
 def _names(value: str, known: Sequence[str], what: str) -> tuple[str, ...]:
@@ -566,11 +589,35 @@ def _names(value: str, known: Sequence[str], what: str) -> tuple[str, ...]:
     return names
 
 
+def _tracing_levels(value: str) -> tuple[str, ...]:
+    """``off,10,100`` -> ("off", "10", "100"): off, or a sampling percentage from 0 to 100."""
+    levels: list[str] = []
+    for raw in value.split(","):
+        level = raw.strip().lower().removesuffix("%").strip()
+        if not level:
+            continue
+        if level != TRACING_OFF:
+            try:
+                percent = float(level)
+            except ValueError:
+                percent = -1.0
+            if not 0.0 <= percent <= 100.0:
+                raise argparse.ArgumentTypeError(
+                    f"{raw.strip()!r} is neither off nor a sampling percentage from 0 to 100")
+            level = f"{percent:g}"
+        if level not in levels:
+            levels.append(level)
+    if not levels:
+        raise argparse.ArgumentTypeError("none given; e.g. off,10,100")
+    return tuple(levels)
+
+
 def parse_args(argv: Sequence[str] | None) -> Config:
     parser = argparse.ArgumentParser(
         prog="bench/run.py",
         description="GET and POST /api/v1/items on the production profile, fast path on and off, vs bare "
-                    "FastAPI baselines; or (--pieces) what each piece of the fast path buys.",
+                    "FastAPI baselines; or (--pieces) what each piece of the fast path buys; or "
+                    "(--tracing) what OpenTelemetry tracing costs.",
     )
     parser.add_argument("--quick", action="store_true", help="smoke mode: 1 round x 2 s per target")
     parser.add_argument("--modes", type=lambda v: _names(v, MODES, "--modes"),
@@ -581,6 +628,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
                         help="instead of the main benchmark: for each piece (default all: "
                              f"{','.join(PIECES)}), the warm, cold and POST rows with the fast path on "
                              "and ATRIUM_FAST_PATH_SKIP=<piece>, interleaved with all on and all off")
+    parser.add_argument("--tracing", type=_tracing_levels, metavar="LEVELS",
+                        help="comma list of tracing levels measured side by side on one fast path mode "
+                             "(--modes, default on): off (no ATRIUM_OTEL_*) and sampling percentages "
+                             "(ATRIUM_OTEL_SAMPLING_RATIO), e.g. off,10,100; spans go to an OTLP/HTTP sink "
+                             "the benchmark starts (bench/otlp_sink.py). off is required: the cost is "
+                             "measured against it")
     parser.add_argument("--rounds", type=int, help="rounds per target (default 3; quick 1)")
     parser.add_argument("--duration", type=float, help="seconds per wrk run (default 10; quick 2)")
     parser.add_argument("--warmup", type=float, help="seconds of wrk warm-up per target (default 3; quick 1)")
@@ -589,7 +642,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--items", type=int, help="items the cold rows rotate over (default 256; quick 128)")
     parser.add_argument("--output", type=Path,
                         help="results path without suffix (default bench/results/latest, --pieces: "
-                             ".../pieces; quick: .../quick, .../quick-pieces)")
+                             ".../pieces, --tracing: .../tracing; quick: .../quick, .../quick-pieces, "
+                             "and .../quick for --tracing too)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (path printed)")
     parser.add_argument("--memory-requests", type=int,
                         help="RSS read after this many warm GETs and twice as many, on a fresh server "
@@ -602,7 +656,21 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         parser.error("--pieces measures on, off and on-minus-each-piece; --modes does not apply")
     if pieces and args.memory_requests:
         parser.error("--pieces has no memory run; --memory-requests does not apply")
-    default_output = ("quick-pieces" if quick else "pieces") if pieces else ("quick" if quick else "latest")
+    tracing: tuple[str, ...] = args.tracing or ()
+    if tracing and pieces:
+        parser.error("--tracing and --pieces are separate benchmarks; run one, then the other")
+    if tracing and args.modes is not None and len(args.modes) != 1:
+        parser.error("--tracing measures its levels on one fast path mode: give --modes on, off or auto "
+                     "(default on), or run once per mode")
+    if tracing and TRACING_OFF not in tracing:
+        parser.error("--tracing needs off among its levels (e.g. off,10,100): the cost of tracing is "
+                     "measured against it")
+    if pieces:
+        default_output = "quick-pieces" if quick else "pieces"
+    elif tracing:
+        default_output = "quick" if quick else "tracing"  # quick.* is ignored by git
+    else:
+        default_output = "quick" if quick else "latest"
     config = Config(
         rounds=args.rounds or (1 if quick else 3),
         duration=args.duration or (2.0 if quick else 10.0),
@@ -615,8 +683,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         keep_logs=args.keep_logs,
         memory_requests=0 if pieces else (args.memory_requests if args.memory_requests is not None
                                           else (10_000 if quick else 100_000)),
-        modes=args.modes or ("on", "off"),
+        modes=args.modes or (("on",) if tracing else ("on", "off")),
         pieces=pieces,
+        tracing=tracing,
     )
     if config.rounds < 1 or config.duration <= 0 or config.threads < 1 or config.connections < config.threads:
         parser.error("rounds >= 1, duration > 0, threads >= 1 and connections >= threads are required")
@@ -627,20 +696,26 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     return config
 
 
-# Which pieces a server of each variant runs, asked of the product's own settings and
-# core.fastpath in a subprocess with the servers' environment (the benchmark imports nothing of
-# Atrium): a skip the app ignored would make a piece's figures meaningless.
+# Which pieces a server of each variant runs, and where it sends spans at which sampling ratio,
+# asked of the product's own settings and core.fastpath in a subprocess with the servers'
+# environment (the benchmark imports nothing of Atrium): a skip or a tracing setting the app ignored
+# would make a variant's figures meaningless.
 PIECES_PROBE = """\
 import json, os, sys
 from config import load_settings
 from core import fastpath
 found = {"PIECES": list(fastpath.PIECES)}
 for name, env in json.loads(sys.stdin.read()).items():
-    for key in ("ATRIUM_FAST_PATH", "ATRIUM_FAST_PATH_SKIP"):
+    for key in ("ATRIUM_FAST_PATH", "ATRIUM_FAST_PATH_SKIP", "ATRIUM_OTEL_EXPORTER_OTLP_ENDPOINT",
+                "ATRIUM_OTEL_SAMPLING_RATIO"):
         os.environ.pop(key, None)
     os.environ.update(env)
     settings = load_settings()
-    found[name] = sorted(fastpath.pieces(settings.fast_path, tuple(settings.fast_path_skip)))
+    found[name] = {
+        "pieces": sorted(fastpath.pieces(settings.fast_path, tuple(settings.fast_path_skip))),
+        "otlp_endpoint": settings.otel_exporter_otlp_endpoint,
+        "sampling": settings.otel_sampling_ratio,
+    }
 print(json.dumps(found))
 """
 
@@ -673,6 +748,23 @@ def paired_gain(with_it: Target, without_it: Target) -> dict[str, Any]:
         "rounds_rps_gain_pct": [round(100 * x, 1) for x in rps],
         "rounds_cpu_saved_pct": [round(100 * x, 1) for x in cpu],
         "errors": sum(s.errors for s in with_it.samples + without_it.samples),
+    }
+
+
+def tracing_cost(traced: Target, off: Target) -> dict[str, Any]:
+    """What tracing costs a row, round by round against the same row with tracing off (both ran in
+    the same round), then the median: CPU/req ratio = CPU µs per request (traced) / (off), req/s
+    ratio = req/s (traced) / (off). Above 1 for CPU, below 1 for req/s: tracing costs."""
+    pairs = list(zip(traced.samples, off.samples, strict=True))
+    cpu = [a.cpu_us_per_request / b.cpu_us_per_request for a, b in pairs
+           if a.cpu_us_per_request and b.cpu_us_per_request]
+    rps = [a.rps / b.rps for a, b in pairs if b.rps]
+    return {
+        "cpu_ratio": _round(_median(cpu), 3),
+        "rps_ratio": _round(_median(rps), 3),
+        "rounds_cpu_ratio": [round(x, 3) for x in cpu],
+        "rounds_rps_ratio": [round(x, 3) for x in rps],
+        "errors": sum(s.errors for s in traced.samples + off.samples),
     }
 
 
@@ -726,6 +818,7 @@ class Bench:
         self.variants: dict[str, Any] = {}  # per variant: its environment and the pieces it runs
         self.prime_errors: dict[str, int] = {}  # per target: errors in the unmeasured priming bursts
         self.server_warnings: dict[str, dict[str, int]] = {}
+        self.tracing: dict[str, Any] | None = None  # --tracing: the sink's counts per variant
         self.started = datetime.now(UTC)
 
     # environment
@@ -810,9 +903,11 @@ class Bench:
         return password
 
     def check_variants(self, variants: Sequence[Variant], strict: bool) -> None:
-        """Ask the product which pieces each variant's servers run; a mismatch (a skip or a mode the
-        app would ignore) fails the run when ``strict`` (--pieces), else is a warning."""
-        problem = ""
+        """Ask the product which pieces each variant's servers run and whether they trace; a mismatch
+        in the pieces (a skip or a mode the app would ignore) fails the run when ``strict``
+        (--pieces), else is a warning; one in tracing (an endpoint or ratio the app would not use)
+        always fails it."""
+        problem = tracing_problem = ""
         try:
             result = subprocess.run(
                 [str(self.python), "-c", PIECES_PROBE], cwd=ROOT, env=self.product_env(),
@@ -827,13 +922,27 @@ class Bench:
                     problem = (f"the product's pieces are {', '.join(found['PIECES'])}; bench/run.py knows "
                                f"{', '.join(PIECES)} (update PIECES in bench/run.py)")
                 for v in variants:
-                    self.variants[v.name] = {"label": v.label, "env": v.env(), "pieces": found[v.name]}
+                    pieces, endpoint = found[v.name]["pieces"], found[v.name]["otlp_endpoint"]
+                    settings = ' '.join(f'{k}={x}' for k, x in v.env().items())
+                    self.variants[v.name] = {"label": v.label, "env": v.env(), "pieces": pieces}
                     expected = v.expected_pieces()
-                    if expected is not None and found[v.name] != expected:
-                        problem += (f"\n{v.label} ({' '.join(f'{k}={x}' for k, x in v.env().items())}) runs "
-                                    f"[{', '.join(found[v.name])}], expected [{', '.join(expected)}]")
-        except (OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
+                    if expected is not None and pieces != expected:
+                        problem += (f"\n{v.label} ({settings}) runs [{', '.join(pieces)}], "
+                                    f"expected [{', '.join(expected)}]")
+                    if endpoint:
+                        self.variants[v.name]["tracing"] = {"otlp_endpoint": endpoint,
+                                                            "sampling": found[v.name]["sampling"]}
+                    if endpoint != v.otlp_endpoint or (
+                            v.sampling is not None and abs(found[v.name]["sampling"] - v.sampling) > 1e-9):
+                        tracing_problem += (f"\n{v.label} ({settings}) traces to {endpoint or 'nowhere'} "
+                                            f"at {found[v.name]['sampling']:g}, expected "
+                                            f"{v.otlp_endpoint or 'nowhere'}"
+                                            + (f" at {v.sampling:g}" if v.sampling is not None else ""))
+        except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError) as exc:
             problem = f"the probe failed: {exc}"
+            tracing_problem = problem if any(v.sampling is not None for v in variants) else ""
+        if tracing_problem:
+            raise BenchError(f"the servers would not trace as asked: {tracing_problem.strip()}")
         if problem:
             message = f"could not confirm which fast path pieces each server runs: {problem.strip()}"
             if strict:
@@ -841,7 +950,9 @@ class Bench:
             say(f"warning: {message}")
             return
         for v in variants:
-            say(f"{v.label}: pieces [{', '.join(self.variants[v.name]['pieces']) or 'none'}]")
+            traced = self.variants[v.name].get("tracing")
+            spans = f"; spans to {traced['otlp_endpoint']}, sampling {traced['sampling']:g}" if traced else ""
+            say(f"{v.label}: pieces [{', '.join(self.variants[v.name]['pieces']) or 'none'}]{spans}")
 
     def serve_product(self, name: str, env: dict[str, str], workers: int = 1) -> Server:
         port = free_port()
@@ -1069,11 +1180,17 @@ class Bench:
 
     def run_modes(self, wrk_binary: str, password: str) -> dict[str, Any]:
         c = self.config
-        variants = [Variant.mode(m) for m in c.modes]
+        sink = self.serve_sink() if c.tracing else None
+        if sink is None:
+            variants = [Variant.mode(m) for m in c.modes]
+        else:
+            variants = [Variant.traced(c.modes[0], level, sink.base) for level in c.tracing]
         self.check_variants(variants, strict=False)
         kinds = ["warm", "cold", "warm2"] + (["mem"] if c.memory_requests else [])
         servers = self.start_products(variants, kinds)
-        self.seed(servers[variants[0].name]["warm"].base, password)
+        # Seeded through an untraced server (--tracing: the "off" one): no variant's exports carry it.
+        seeder = next(v for v in variants if v.sampling is None)
+        self.seed(servers[seeder.name]["warm"].base, password)
         baseline = self.serve_baseline()
         wait_ready(baseline.proc, f"{baseline.base}/items/{self.item_ids[0]}")
         say(f"baselines up: {baseline.base}")
@@ -1134,8 +1251,73 @@ class Bench:
                                 f"{API}/items/{item0}", pid=mem.pid, mode=v.name, mode_label=v.label)
                 self.memory[v.name] = self.measure_memory(wrk, target, mem)
         self.check_alive()
+        exports = self.flush_exports(sink, servers, variants) if sink is not None else {}
         self.server_warnings = self.log_warnings()
+        if sink is not None:
+            self.tracing = self.tracing_summary(exports, sink, servers, variants, wrk)
         return self.report(targets, wrk, variants)
+
+    # --tracing: the span sink, and what each variant exported to it
+
+    def serve_sink(self) -> Server:
+        """bench/otlp_sink.py: answers every export 200 and counts it, per variant's path."""
+        port = free_port()
+        argv = [str(self.python), str(ROOT / "bench" / "otlp_sink.py"), "--port", str(port)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ATRIUM_", "BENCH_"))}
+        sink = Server(self.start("otlp-sink", argv, env), f"http://127.0.0.1:{port}")
+        wait_ready(sink.proc, sink.base + "/counts", timeout=30.0)
+        say(f"OTLP/HTTP span sink up: {sink.base} (POST /<variant>{TRACES_PATH})")
+        return sink
+
+    def flush_exports(
+        self, sink: Server, servers: dict[str, dict[str, Server]], variants: Sequence[Variant]
+    ) -> dict[str, Any]:
+        """Stop the traced servers (each exports the spans still queued as it shuts down), then read
+        the sink's counts and its own CPU time over the run."""
+        procs = [s.proc for v in variants if v.sampling is not None for s in servers[v.name].values()]
+        say(f"stopping the {len(procs)} traced servers, so their exporters flush; then reading the sink")
+        for proc in procs:  # all at once, then each waited for
+            with suppress(ProcessLookupError):
+                os.killpg(proc.popen.pid, signal.SIGTERM)
+        for proc in procs:
+            proc.stop()
+        status, _, body = http("GET", sink.base + "/counts")
+        if status != 200:
+            raise BenchError(f"the span sink answered HTTP {status} for its counts:\n{sink.proc.tail()}")
+        return {"counts": json.loads(body), "cpu_s": tree_cpu_seconds(sink.pid)}
+
+    def tracing_summary(
+        self, exports: dict[str, Any], sink: Server, servers: dict[str, dict[str, Server]],
+        variants: Sequence[Variant], wrk: Wrk,
+    ) -> dict[str, Any]:
+        """Per variant: the export requests and bytes the sink received, the requests its servers
+        served (every wrk run: warm-ups, priming, rounds, memory), and whether a server logged that
+        its exporter's queue was full (spans dropped)."""
+        counts: dict[str, dict[str, int]] = dict(exports["counts"])
+        per_variant: dict[str, Any] = {}
+        for v in variants:
+            got = counts.pop(f"/{v.name}{TRACES_PATH}", {"requests": 0, "bytes": 0})
+            served = sum(wrk.served.get(s.base, 0) for s in servers[v.name].values())
+            dropped = sum(n for proc, messages in self.server_warnings.items()
+                          if proc.startswith("product-") and proc.endswith(f"-{v.name}")
+                          for message, n in messages.items() if "Queue full" in message)
+            per_variant[v.name] = {
+                "label": v.label,
+                "sampling": v.sampling,
+                "export_requests": got["requests"],
+                "export_bytes": got["bytes"],
+                "requests_served": served,
+                "export_bytes_per_request": round(got["bytes"] / served, 1) if served else None,
+                "queue_full_warnings": dropped,
+            }
+            say(f"{v.label}: {got['requests']:,} export request(s), {got['bytes']:,} bytes to the sink for "
+                f"{served:,} requests served" + (f"; {dropped} 'queue full' warning(s): spans dropped"
+                                                  if dropped else ""))
+        cpu = exports["cpu_s"]
+        say(f"span sink: {cpu if cpu is not None else '?'} s of CPU over the run"
+            + (f"; unexpected paths: {counts}" if counts else ""))
+        return {"mode": self.config.modes[0], "levels": list(self.config.tracing), "sink": sink.base,
+                "sink_cpu_s": cpu, "other_paths": counts, "variants": per_variant}
 
     def report(self, targets: list[Target], wrk: Wrk, variants: Sequence[Variant]) -> dict[str, Any]:
         c = self.config
@@ -1160,9 +1342,13 @@ class Bench:
                                                                "cpu_us_per_request_median", "errors")}
             if "on" in c.modes and "off" in c.modes:
                 entry["on_vs_off"] = paired_gain(by_target[f"{kind}@on"], by_target[f"{kind}@off"])
+            if c.tracing:
+                off = f"{kind}@{Variant.traced(c.modes[0], TRACING_OFF, '').name}"
+                entry["vs_tracing_off"] = {v.name: tracing_cost(by_target[f"{kind}@{v.name}"], by_target[off])
+                                           for v in variants if v.sampling is not None}
             side_by_side.append(entry)
         return {
-            "checks": self.checks(rows),
+            "checks": self.checks(rows, variants),
             "memory": self.memory,
             "benchmark": "GET and POST /api/v1/items",
             "kind": "modes",
@@ -1170,12 +1356,17 @@ class Bench:
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
             "mode": "quick" if c.quick else "full",
             "modes": list(c.modes),
+            "variant_names": [v.name for v in variants],
             "variants": self.variants,
+            "tracing": self.tracing,
             "settings": {
                 "rounds": c.rounds, "duration_s": c.duration, "warmup_s": c.warmup,
                 "wrk_threads": c.threads, "wrk_connections": c.connections, "items": c.items,
                 "product_profile": "production (PostgreSQL, Redis cache, Redis broker, Redis rate limiter), "
-                                   "1 uvicorn worker (2 for the 2-worker row), per ATRIUM_FAST_PATH mode",
+                                   "1 uvicorn worker (2 for the 2-worker row), per ATRIUM_FAST_PATH mode"
+                                   + (f" ({c.modes[0]}), per tracing level (off: no ATRIUM_OTEL_*; on: "
+                                      "ATRIUM_OTEL_EXPORTER_OTLP_ENDPOINT = the benchmark's OTLP/HTTP sink, "
+                                      "ATRIUM_OTEL_SAMPLING_RATIO = the level)" if c.tracing else ""),
                 "cpu": "user + system CPU time of the server's process tree over each wrk run "
                        "(/proc/<pid>/stat), divided by the requests wrk completed in it",
                 "wrk_command": " ".join(wrk.argv(targets[1], c.duration)),
@@ -1188,12 +1379,11 @@ class Bench:
             "rows": rows,
         }
 
-    def checks(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The issue's targets for each mode, each PASS or FAIL with the figure it was judged on."""
+    def checks(self, rows: list[dict[str, Any]], variants: Sequence[Variant]) -> list[dict[str, Any]]:
+        """The issue's targets for each variant, each PASS or FAIL with the figure it was judged on."""
         labels = {row["key"]: row["target"] for row in rows}
         checks: list[dict[str, Any]] = []
-        for mode in self.config.modes:
-            tag = f" [fast path {mode}]"
+        for mode, tag in ((v.name, f" [{v.label}]") for v in variants):
             for row in rows:
                 if row["mode"] == mode and row["ratio_goal"] is not None:
                     checks.append({"check": f"{row['target']}{tag}: req/s vs {labels[row['baseline']]}",
@@ -1460,22 +1650,30 @@ def markdown(result: dict[str, Any]) -> str:
 
 def markdown_modes(result: dict[str, Any]) -> str:
     s = result["settings"]
-    modes = result.get("modes") or ["on"]
+    modes = result.get("variant_names") or result.get("modes") or ["on"]
+    tracing = result.get("tracing")
     labels = {row["key"]: row["target"] + (f" [{row['mode']}]" if row.get("mode") else "")
               for row in result["rows"]}
+    if tracing:
+        levels = ", ".join(level if level == TRACING_OFF else f"{level} %" for level in tracing["levels"])
+        title = f"product (fast path {tracing['mode']}; tracing {levels}) vs bare FastAPI"
+        per = f"once per tracing level (fast path {tracing['mode']})"
+    else:
+        title = f"product (fast path {' and '.join(modes)}) vs bare FastAPI"
+        per = "once per `ATRIUM_FAST_PATH` mode"
     lines = [
-        f"## {result['benchmark']}: product (fast path {' and '.join(modes)}) vs bare FastAPI "
-        f"({result['mode']} run)",
+        f"## {result['benchmark']}: {title} ({result['mode']} run)",
         "",
         "Production profile, one uvicorn worker per server (two for the 2-worker row), the product's "
-        f"servers once per `ATRIUM_FAST_PATH` mode; `wrk -t{s['wrk_threads']} -c{s['wrk_connections']} "
+        f"servers {per}; `wrk -t{s['wrk_threads']} -c{s['wrk_connections']} "
         f"-d{s['duration_s']:g}s --latency`, {s['rounds']} round(s) per target, interleaved (a baseline "
-        f"and its product rows in every mode back to back) after a {s['warmup_s']:g} s warm-up; medians "
+        f"and its product rows of every variant back to back) after a {s['warmup_s']:g} s warm-up; medians "
         "over rounds. CPU/req: user + system CPU time of the server's process tree (uvicorn's master "
         "and workers) over each run, divided by the requests completed in it.",
+        *(_tracing_table(result) if tracing else []),
         "",
-        "| target | fast path | req/s (median) | req/s min-max | CPU/req (min-max) | p50 | p99 | p99/p50 "
-        "| ratio vs baseline | CPU/req vs baseline | goal |",
+        f"| target | {'server' if tracing else 'fast path'} | req/s (median) | req/s min-max "
+        "| CPU/req (min-max) | p50 | p99 | p99/p50 | ratio vs baseline | CPU/req vs baseline | goal |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for row in result["rows"]:
@@ -1501,13 +1699,14 @@ def markdown_modes(result: dict[str, Any]) -> str:
         if both:
             head += ["on vs off: req/s", "on vs off: CPU/req saved"]
         head.append("goal (req/s ratio)")
-        lines += ["", "Side by side: each mode against the same-run baseline (req/s ratio: higher is better; "
-                  "CPU/req ratio: the product's CPU per request over the baseline's, lower is better)"
+        each = "tracing level" if tracing else "mode"
+        lines += ["", f"Side by side: each {each} against the same-run baseline (req/s ratio: higher is "
+                  "better; CPU/req ratio: the product's CPU per request over the baseline's, lower is better)"
                   + ("; on vs off: medians over rounds of each round's on/off pair." if both else "."),
                   "", "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 3) + "---|"]
         for entry in side:
             per = entry["modes"]
-            vs = (f"{labels[entry['baseline']].rsplit(' [', 1)[0]}, same mode" if entry["row"] == "warm-2w"
+            vs = (f"{labels[entry['baseline']].rsplit(' [', 1)[0]}, same {each}" if entry["row"] == "warm-2w"
                   else labels[entry["baseline"]])
             cells = [entry["target"], vs]
             cells += [_x(per[m]["ratio"]) + (" ⚠" if per[m]["errors"] else "") for m in modes]
@@ -1517,8 +1716,10 @@ def markdown_modes(result: dict[str, Any]) -> str:
                 cells += [_pct(entry["on_vs_off"]["rps_gain_pct"]), _pct(entry["on_vs_off"]["cpu_saved_pct"])]
             cells.append(f">= {entry['ratio_goal']:.2f}x" if entry.get("ratio_goal") is not None else "")
             lines.append("| " + " | ".join(cells) + " |")
+    variant_labels = {name: v["label"] for name, v in (result.get("variants") or {}).items()}
     for mode, memory in (result.get("memory") or {}).items():
-        lines += ["", f"Memory run, fast path {mode} (a fresh one-worker product, warm GETs; "
+        lines += ["", f"Memory run, {variant_labels.get(mode, f'fast path {mode}')} (a fresh one-worker "
+                  "product, warm GETs; "
                   f"pid {memory['pid']}): at start VmRSS {memory['start']['rss_mb']:.1f} MB; " + "; ".join(
                       f"after {m['requests']:,} requests VmRSS {m['rss_mb']:.1f} MB, "
                       f"VmHWM {m['hwm_mb']:.1f} MB"
@@ -1528,6 +1729,64 @@ def markdown_modes(result: dict[str, Any]) -> str:
         lines.append(f"| {check['check']} | {check['goal']} | {check['value']} | "
                      f"{'PASS' if check['pass'] else 'FAIL'} |")
     return "\n".join(lines + _footer(result))
+
+
+def _tracing_table(result: dict[str, Any]) -> list[str]:
+    """--tracing: per level, the rows' ratios to their baselines, the product's CPU per request, what
+    tracing costs against tracing off in the same rounds, and what reached the span sink."""
+    tracing = result["tracing"]
+    side = {entry["row"]: entry for entry in result["side_by_side"]}
+    kinds = [k for k in ("warm", "cold", "post") if k in side]
+    names = " / ".join(ROW_NAMES[k] for k in kinds)
+    baselines = {"bare": "bare FastAPI", "asyncpg": "raw asyncpg", "asyncpg-post": "raw asyncpg POST"}
+    head = ["tracing", *(f"{ROW_NAMES[k]} vs {baselines.get(side[k]['baseline'], side[k]['baseline'])}"
+                         for k in kinds),
+            f"CPU/req, {names}", f"CPU/req vs tracing off, {names}", f"req/s vs tracing off, {names}",
+            "exports to the sink: requests, bytes (per request served)"]
+    lines = [
+        "",
+        f"**Tracing**, fast path {tracing['mode']}: each level against the same-run baselines (req/s ratio), "
+        "the product's CPU µs per request, and against tracing off in the same rounds (medians over "
+        "rounds of each round's traced/off pair; CPU above 1.00x and req/s below it is what tracing "
+        "costs). Traced servers export over OTLP/HTTP (protobuf, the SDK's batch processor) to "
+        "the benchmark's sink (`bench/otlp_sink.py`), which answers 200 and drops the payload; the "
+        "export counts cover every request a variant's servers served (warm-ups, priming, rounds, "
+        "memory run). With tracing on, the fast path's `transactions` piece steps aside "
+        "(core/fastpath/README.md): part of the cold GET's and POST's cost.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * (len(head) - 1),
+    ]
+    for name in result.get("variant_names") or []:
+        got = tracing["variants"][name]
+        per = {k: side[k]["modes"][name] for k in kinds}
+        cost = {k: (side[k].get("vs_tracing_off") or {}).get(name) for k in kinds}
+        traced = got["sampling"] is not None
+        level = f"{got['sampling'] * 100:g} %" if traced else TRACING_OFF
+        cells = [level]
+        cells += [_x(per[k]["ratio"]) + (" ⚠" if per[k]["errors"] else "") for k in kinds]
+        cells.append(" / ".join(_us(per[k]["cpu_us_per_request_median"]).removesuffix(" µs") for k in kinds)
+                     + " µs")
+        cells.append(" / ".join(_x(cost[k]["cpu_ratio"]) if cost[k] else "-" for k in kinds))
+        cells.append(" / ".join(_x(cost[k]["rps_ratio"]) if cost[k] else "-" for k in kinds))
+        exported = f"{got['export_requests']:,}, {_bytes(got['export_bytes'])}"
+        if got["export_bytes_per_request"] is not None:
+            exported += f" ({got['export_bytes_per_request']:,.0f} B/req)"
+        if got["queue_full_warnings"]:
+            exported += " ⚠ exporter queue full: spans dropped"
+        cells.append(exported)
+        lines.append("| " + " | ".join(cells) + " |")
+    cpu = tracing["sink_cpu_s"]
+    other = f"; requests to other paths: {tracing['other_paths']}" if tracing["other_paths"] else ""
+    lines += ["", f"The sink's own CPU over the whole run: {'-' if cpu is None else f'{cpu:.2f} s'}{other}."]
+    return lines
+
+
+def _bytes(value: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value} B"
 
 
 def markdown_pieces(result: dict[str, Any]) -> str:
