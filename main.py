@@ -39,6 +39,7 @@ from core.edge.middleware import RequestContextMiddleware
 from core.edge.openapi import install_openapi, operation_id
 from core.edge.routes import add_routes, check_provided
 from core.messaging.outbox import OutboxMessage
+from core.messaging.periodic import PeriodicRunner
 from core.messaging.queue import ping_broker
 from core.module import Module, ModuleError, load_modules, select_modules
 from core.observability.access_log import access_log
@@ -241,15 +242,19 @@ def run_worker(settings: Settings, threads: int | None = None) -> None:
     bridge.run(_init_resources(container))
     jobs, relay, broker = container.jobs(), container.relay(), container.broker()
     housekeeping: list[asyncio.Task[None]] = []
+    periodic = PeriodicRunner(container.sessions(), {m.name: getattr(container, m.name) for m in running},
+                              [p for m in running for p in m.periodic], settings)
 
     async def start_background() -> None:
         relay.start()
+        periodic.start()
         housekeeping.append(asyncio.create_task(
             container.idempotency().purge_forever(settings.idempotency_purge_interval),
             name="idempotency-purge",
         ))
 
     async def stop_background() -> None:
+        await periodic.stop()
         for t in housekeeping:
             t.cancel()
         await asyncio.gather(*housekeeping, return_exceptions=True)
@@ -260,8 +265,9 @@ def run_worker(settings: Settings, threads: int | None = None) -> None:
     container.pool_metrics()  # jobs, outbox and pool metrics, on the worker's own port
     stop_metrics = serve_metrics(container.metrics_registry(), settings.worker_metrics_host,
                                  settings.worker_metrics_port)
-    logger.info("worker started: tasks={}",
-                ",".join(sorted(n for m in running for n in m.actors)) or "none (outbox relay only)")
+    logger.info("worker started: tasks={} periodic={}",
+                ",".join(sorted(n for m in running for n in m.actors)) or "none (outbox relay only)",
+                ",".join(periodic.names) or "none")
     stop.wait()
     logger.info("worker stopping: finishing jobs in progress")
     if worker is not None:

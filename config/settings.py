@@ -265,9 +265,11 @@ class Settings(BaseSettings):
     job_time_limit_ms: int = Field(60_000, ge=1)
     # Redis broker: how long a silent worker keeps its unacknowledged messages before another
     # worker requeues them (a worker killed mid-job), and how often (per million commands) a
-    # worker runs that check.
-    broker_heartbeat_timeout_ms: int = Field(60_000, ge=1000)
-    broker_maintenance_chance: int = Field(1000, ge=1, le=1_000_000)
+    # worker runs that check. A live worker speaks at least once a second (an idle fetch), so 10 s
+    # never mistakes it for dead; running the check on every fetch gives a dead worker's messages
+    # back within about 11 s (docs/redelivery.md). dramatiq's own defaults (60 s, 1,000) take minutes.
+    broker_heartbeat_timeout_ms: int = Field(10_000, ge=1000, le=600_000)
+    broker_maintenance_chance: int = Field(1_000_000, ge=1, le=1_000_000)
     run_worker_in_process: bool = False  # development: jobs run inside the API process
     relay_outbox_in_api: bool = True  # the API wakes the relay right after each commit
     outbox_poll_interval: float = Field(1.0, gt=0)
@@ -293,6 +295,10 @@ class Settings(BaseSettings):
     payments_timeout: float = Field(10.0, gt=0)
     payments_connect_timeout: float = Field(2.0, gt=0)
     payments_max_attempts: int = Field(3, ge=1, le=10)
+    # The payment reconciler (each worker): a payment pending this long without a change is asked
+    # about at the gateway and finished; how often a worker looks for such payments.
+    billing_reconcile_after_seconds: float = Field(60.0, gt=0)
+    billing_reconcile_interval_seconds: float = Field(10.0, gt=0)
 
     # Idempotency keys: how long a completed key replays its response, how long an in-flight
     # claim may run before another request may take the key over, and how long a duplicate waits.

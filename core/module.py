@@ -16,6 +16,7 @@ from dependency_injector import containers
 from fastapi import APIRouter
 
 from core.messaging.events import IntegrationEvent
+from core.messaging.periodic import Periodic
 from core.messaging.queue import Task
 
 
@@ -32,6 +33,8 @@ class Module:
     models: Sequence[type[Any]] = ()
     depends_on: Sequence[str] = ()
     subscriptions: Mapping[type[IntegrationEvent], Sequence[Task]] = field(default_factory=dict)
+    # Housekeeping each worker runs every few seconds (core.messaging.periodic), e.g. a reconciler.
+    periodic: Sequence[Periodic] = ()
 
     @property
     def tables(self) -> list[str]:
@@ -92,7 +95,9 @@ def load_modules(names: Sequence[str], package: str = "modules") -> list[Module]
                     f"module {module.name!r} depends on {dep!r}, which is not enabled "
                     f"(ATRIUM_MODULES={','.join(names)})"
                 )
-        for t in [*module.tasks, *(h for hs in module.subscriptions.values() for h in hs)]:
+        declared: list[Task | Periodic] = [*module.tasks, *module.periodic]
+        declared += [h for hs in module.subscriptions.values() for h in hs]
+        for t in declared:
             if t.module != module.name:
                 raise ModuleError(f"module {module.name!r} declares task {t.name!r} outside its namespace")
     ordered: list[Module] = []

@@ -87,7 +87,7 @@ class TestUpgrade:
         await migrate(db, ALL)
 
         assert {"invoices", "invoice_lines", "payments"} <= tables(db)
-        assert stamped(db) == before | {"billing_0001"}
+        assert stamped(db) == before | {"billing_0002"}
 
     async def test_a_removed_module_leaves_the_others_migratable(self, tmp_path: Path) -> None:
         db = tmp_path / "atrium.db"
@@ -95,7 +95,7 @@ class TestUpgrade:
 
         await migrate(db, ("users", "items"))  # billing's revision is still known: no error
 
-        assert "billing_0001" in stamped(db)
+        assert "billing_0002" in stamped(db)
 
     async def test_one_module_can_be_rolled_back_alone(self, tmp_path: Path) -> None:
         db = tmp_path / "atrium.db"
@@ -105,7 +105,7 @@ class TestUpgrade:
 
         assert not {"invoices", "invoice_lines", "payments"} & tables(db)
         assert {"users", "items", "outbox_messages"} <= tables(db)
-        assert "billing_0001" not in stamped(db)
+        assert not {"billing_0001", "billing_0002"} & stamped(db)
 
 
 class TestLegacyHistory:
@@ -123,7 +123,7 @@ class TestLegacyHistory:
 
         await migrate(db, ALL)
 
-        assert stamped(db) == {"core_0004", "users_0002", "items_0001", "billing_0001"}
+        assert stamped(db) == {"core_0004", "users_0002", "items_0001", "billing_0002"}
         with sqlite3.connect(db) as connection:
             columns = {row[1] for row in connection.execute("PRAGMA table_info(idempotency_keys)")}
         assert "owner" in columns

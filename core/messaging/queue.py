@@ -30,6 +30,7 @@ from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
     CurrentMessage,
+    Middleware,
     Pipelines,
     Retries,
     ShutdownNotifications,
@@ -119,8 +120,11 @@ def stub_broker(**retry: int) -> dramatiq.Broker:
     return StubBroker(middleware=_middleware(**retry))
 
 
-def redis_broker(url: str, namespace: str, *, heartbeat_timeout: int = 60_000,
-                 maintenance_chance: int = 1000, **retry: int) -> dramatiq.Broker:
+def redis_broker(url: str, namespace: str, *, heartbeat_timeout: int = 10_000,
+                 maintenance_chance: int = 1_000_000, **retry: int) -> dramatiq.Broker:
+    """A Redis broker that gives a dead worker's messages back within about ``heartbeat_timeout``
+    plus one second (docs/redelivery.md): every command refreshes the worker's heartbeat, and with
+    ``maintenance_chance`` at 1,000,000 every fetch also requeues what dead workers held."""
     from dramatiq.brokers.redis import RedisBroker
 
     return RedisBroker(url=url, namespace=namespace, middleware=_middleware(**retry),
@@ -132,6 +136,57 @@ def rabbitmq_broker(url: str, **retry: int) -> dramatiq.Broker:
     from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
     return RabbitmqBroker(url=url, middleware=_middleware(**retry))
+
+
+class Redeliveries(Middleware):
+    """Counts the messages a worker is given again after an earlier delivery was never acknowledged
+    (``atrium_jobs_redelivered_total``; docs/redelivery.md).
+
+    RabbitMQ flags such a delivery itself (``redelivered``: the message had been handed to a
+    consumer whose connection closed before the ack, running or prefetched). Redis has no flag: a key
+    ``<namespace>:__started__.<redis_message_id>`` is set when a worker starts the message and deleted
+    when it is done, so finding it already there means a worker died while running that message.
+    """
+
+    MARKER_TTL_MS = 7 * 86_400_000  # as long as dramatiq keeps a dead letter
+
+    def __init__(self, metrics: JobMetrics) -> None:
+        self._metrics = metrics
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        if getattr(message, "redelivered", False) or self._started_before(broker, message):
+            self._metrics.redelivered(message.actor_name)
+
+    def after_process_message(self, broker: dramatiq.Broker, message: Any, *, result: Any = None,
+                              exception: BaseException | None = None) -> None:
+        self._forget(broker, message)
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        self._forget(broker, message)
+
+    @staticmethod
+    def _marker(broker: dramatiq.Broker, message: Any) -> tuple[Any, str] | None:
+        client, redis_id = getattr(broker, "client", None), message.options.get("redis_message_id")
+        if client is None or redis_id is None:
+            return None
+        return client, f"{broker.namespace}:__started__.{redis_id}"  # type: ignore[attr-defined]
+
+    def _started_before(self, broker: dramatiq.Broker, message: Any) -> bool:
+        marker = self._marker(broker, message)
+        if marker is None:
+            return False
+        client, key = marker
+        try:
+            return client.set(key, 1, nx=True, px=self.MARKER_TTL_MS) is None
+        except Exception as exc:  # a metric never fails a job
+            logger.warning("redelivery marker not set ({}): {}", type(exc).__name__, exc)
+            return False
+
+    def _forget(self, broker: dramatiq.Broker, message: Any) -> None:
+        marker = self._marker(broker, message)
+        if marker is not None:
+            with contextlib.suppress(Exception):
+                marker[0].delete(marker[1])
 
 
 def ping_broker(broker: dramatiq.Broker) -> None:
@@ -310,6 +365,8 @@ class JobRunner:
         # one RabbitMQ vhost without consuming each other's messages.
         self._queue_prefix = queue_prefix
         self._metrics = metrics  # processed / failed / retried / duration per task
+        if metrics is not None:
+            broker.add_middleware(Redeliveries(metrics))
         for t in tasks:
             self._declare(t)
 

@@ -367,6 +367,9 @@ class JobMetrics:
                                ["task"], registry=registry)
         self.duration = Histogram("atrium_job_duration_seconds", "Time a job attempt took, success or "
                                   "failure.", ["task"], buckets=JOB_BUCKETS, registry=registry)
+        self.redeliveries = Counter("atrium_jobs_redelivered", "Job messages delivered again after a worker "
+                                    "was given them and died without acknowledging them.", ["task"],
+                                    registry=registry)
         # Per module (deliverable 3 of issue 17): integration events handled by a module's task.
         self.events_consumed = Counter("atrium_events_consumed", "Integration event messages a module's "
                                        "handler task processed.", ["module", "task"], registry=registry)
@@ -374,6 +377,9 @@ class JobMetrics:
     def succeeded(self, task: str, seconds: float) -> None:
         self.processed.labels(task).inc()
         self.duration.labels(task).observe(seconds)
+
+    def redelivered(self, task: str) -> None:
+        self.redeliveries.labels(task).inc()
 
     def event_consumed(self, module: str, task: str) -> None:
         self.events_consumed.labels(module, task).inc()

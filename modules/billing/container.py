@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from dependency_injector import containers, providers
+from prometheus_client import CollectorRegistry
 
 from core.edge.idempotency import IdempotencyStore
 from core.edge.pagination import CursorCodec
 from core.email import EmailSender
 from core.messaging.outbox import Inbox, Outbox
 from modules.billing.adapters.gateway import FakePaymentGateway, PaymentGateway
+from modules.billing.metrics import ReconcileMetrics
 from modules.billing.repository import InvoiceRepository, PaymentRepository
 from modules.billing.service.invoices import InvoiceService
 from modules.billing.service.payments import PaymentService
@@ -45,6 +47,7 @@ class BillingContainer(containers.DeclarativeContainer):
     email_sender: providers.Dependency[EmailSender] = providers.Dependency()
     items_facade: providers.Dependency[ItemsFacade] = providers.Dependency()
     users_facade: providers.Dependency[UsersFacade] = providers.Dependency()
+    metrics_registry: providers.Dependency[CollectorRegistry] = providers.Dependency()
 
     payment_gateway = providers.Selector(
         settings.provided.payments_backend,
@@ -70,3 +73,4 @@ class BillingContainer(containers.DeclarativeContainer):
         PaymentService, invoices, invoice_repository, payment_repository, outbox, inbox, payment_gateway,
         users_facade, email_sender,
     )
+    reconcile_metrics = providers.Singleton(ReconcileMetrics, metrics_registry)

@@ -34,6 +34,18 @@ class PaymentStatus(StrEnum):
     FAILED = "failed"
 
 
+class ReconcileOutcome(StrEnum):
+    """What the payment reconciler did with a payment left pending (``atrium_payments_reconciled``)."""
+
+    CHARGED_FOUND = "charged_found"  # the gateway had charged it: recorded as succeeded
+    DECLINED_FOUND = "declined_found"  # the gateway had declined it: recorded as failed
+    CHARGED_NOW = "charged_now"  # the gateway had never seen it: charged now, with the same key
+    DECLINED_NOW = "declined_now"  # ... and that charge was declined or refused
+    PENDING_AT_GATEWAY = "pending_at_gateway"  # the gateway has not settled it yet: its webhook will
+    MISSING_AT_GATEWAY = "missing_at_gateway"  # it once answered pending and now knows no charge
+    GATEWAY_UNAVAILABLE = "gateway_unavailable"  # no answer: left pending for the next run
+
+
 INVOICE_TRANSITIONS: Mapping[InvoiceStatus, frozenset[InvoiceStatus]] = {
     InvoiceStatus.OPEN: frozenset({InvoiceStatus.PAID, InvoiceStatus.VOID}),
     InvoiceStatus.PAID: frozenset(),

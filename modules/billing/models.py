@@ -16,6 +16,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from core.db.base import Base, new_id, utcnow
 
 _ACTIVE = "status IN ('pending', 'succeeded')"
+_PENDING = "status = 'pending'"
 
 
 class InvoiceRow(Base):
@@ -55,6 +56,9 @@ class PaymentRow(Base):
         # under a lock on the invoice, and the database refuses a second one regardless.
         Index("uq_payments_active_invoice", "invoice_id", unique=True,
               postgresql_where=text(_ACTIVE), sqlite_where=text(_ACTIVE)),
+        # The reconciler's question, every few seconds: which payments have been pending a while.
+        Index("ix_payments_pending", "updated_at",
+              postgresql_where=text(_PENDING), sqlite_where=text(_PENDING)),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)

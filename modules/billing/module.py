@@ -5,7 +5,7 @@ from modules.billing.container import BillingContainer
 from modules.billing.models import InvoiceLineRow, InvoiceRow, PaymentRow
 from modules.billing.public import PaymentSucceeded
 from modules.billing.router import router
-from modules.billing.tasks import charge_payment, send_receipt
+from modules.billing.tasks import charge_payment, reconcile_payments, send_receipt
 
 MODULE = Module(
     name="billing",
@@ -15,4 +15,5 @@ MODULE = Module(
     models=(InvoiceRow, InvoiceLineRow, PaymentRow),
     depends_on=("users", "items"),
     subscriptions={PaymentSucceeded: (send_receipt,)},
+    periodic=(reconcile_payments,),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection
+from datetime import datetime
 
 from sqlalchemy import Select, select
 
@@ -30,6 +31,11 @@ class InvoiceRepository(Repository[InvoiceRow]):
             stmt = stmt.where(InvoiceRow.status == status)
         return stmt.order_by(InvoiceRow.id.desc()).limit(limit + 1)
 
+    def lock_unless_busy(self, invoice_id: uuid.UUID) -> Select[InvoiceRow]:
+        """The invoice, locked; no row while another transaction holds it (``SKIP LOCKED``)."""
+        return (self.select().where(InvoiceRow.id == invoice_id).with_for_update(skip_locked=True)
+                .execution_options(populate_existing=True))
+
     def lines(self, invoice_ids: Collection[uuid.UUID]) -> Select[InvoiceLineRow]:
         return (
             select(InvoiceLineRow)
@@ -49,4 +55,19 @@ class PaymentRepository(Repository[PaymentRow]):
         return self.select().where(
             PaymentRow.invoice_id == invoice_id,
             PaymentRow.status.in_([PaymentStatus.PENDING.value, PaymentStatus.SUCCEEDED.value]),
+        )
+
+    def lock_unless_busy(self, payment_id: uuid.UUID) -> Select[PaymentRow]:
+        """The payment, locked; no row while another transaction holds it (``SKIP LOCKED``)."""
+        return (self.select().where(PaymentRow.id == payment_id).with_for_update(skip_locked=True)
+                .execution_options(populate_existing=True))
+
+    @staticmethod
+    def pending_since(untouched_since: datetime, limit: int) -> Select[uuid.UUID]:
+        """Ids of payments pending and unchanged since ``untouched_since``, the longest waiting first."""
+        return (
+            select(PaymentRow.id)
+            .where(PaymentRow.status == PaymentStatus.PENDING.value, PaymentRow.updated_at < untouched_since)
+            .order_by(PaymentRow.updated_at)
+            .limit(limit)
         )

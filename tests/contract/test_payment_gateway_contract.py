@@ -58,6 +58,7 @@ class Gateway:
     secret: str
     settle: Callable[[], list[Delivery]]  # settle pending charges into signed webhook deliveries
     outage: Callable[[], None]  # the next ``charge`` call fails as a whole (transiently)
+    lookup_outage: Callable[[], None]  # the next ``find_charge`` call fails as a whole (transiently)
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +88,14 @@ async def gateway(request: pytest.FixtureRequest) -> AsyncIterator[Gateway]:
         def settle_memory() -> list[Delivery]:
             return [(event, *fake.signed(event)) for event in fake.ledger.settle_pending()]
 
-        yield Gateway(fake, fake.ledger, fake.webhook_secret, settle_memory, lambda: fake.fail_next(1))
+        yield Gateway(fake, fake.ledger, fake.webhook_secret, settle_memory, lambda: fake.fail_next(1),
+                      lambda: fake.fail_next(1, lookups=True))
         return
     server: GatewayServer = request.getfixturevalue("server")
     adapter = http_adapter(server)
     yield Gateway(adapter, server.ledger, server.webhook_secret, server.settle_pending,
-                  lambda: server.fail_next(adapter.max_attempts))
+                  lambda: server.fail_next(adapter.max_attempts),
+                  lambda: server.fail_next(adapter.max_attempts, lookups=True))
     await adapter.aclose()
 
 
@@ -201,6 +204,54 @@ class TestCharge:
         later = await gateway.adapter.charge(charge_request(key))  # the caller's retry, same key
         assert later.status == "succeeded"
         assert [c.id for c in gateway.ledger.successful_charges(key)] == [later.charge_id]
+
+
+class TestFindCharge:
+    """The reconciler's question: what became of this key? Asked, never charged."""
+
+    async def test_a_key_never_charged_is_unknown_and_stays_uncharged(self, gateway: Gateway) -> None:
+        key = new_key()
+        assert await gateway.adapter.find_charge(key) is None
+        assert key not in gateway.ledger.charges
+        assert key not in gateway.ledger.requests  # a look-up is no charge attempt
+
+    async def test_a_charged_key_answers_the_charge(self, gateway: Gateway) -> None:
+        key = new_key()
+        charged = await gateway.adapter.charge(charge_request(key))
+        assert await gateway.adapter.find_charge(key) == charged
+        assert gateway.ledger.requests.count(key) == 1
+        assert [c.id for c in gateway.ledger.successful_charges(key)] == [charged.charge_id]
+
+    @pytest.mark.parametrize(("token", "code"), DECLINES)
+    async def test_a_declined_key_answers_the_decline(self, gateway: Gateway, token: str, code: str) -> None:
+        key = new_key()
+        declined = await gateway.adapter.charge(charge_request(key, token))
+        found = await gateway.adapter.find_charge(key)
+        assert found == declined
+        assert found is not None
+        assert (found.status, found.failure_code) == ("declined", code)
+
+    async def test_an_async_charge_is_pending_until_it_settles(self, gateway: Gateway) -> None:
+        key = new_key()
+        pending = await gateway.adapter.charge(charge_request(key, "tok_async"))
+        assert await gateway.adapter.find_charge(key) == pending
+        delivery_for(gateway.settle(), key)
+        assert await gateway.adapter.find_charge(key) == ChargeResult("succeeded", pending.charge_id)
+
+    async def test_a_refused_charge_leaves_the_key_unknown(self, gateway: Gateway) -> None:
+        key = new_key()
+        with pytest.raises(GatewayRejected):
+            await gateway.adapter.charge(charge_request(key, "card_4242"))
+        assert await gateway.adapter.find_charge(key) is None
+
+    async def test_an_outage_is_transient(self, gateway: Gateway) -> None:
+        key = new_key()
+        charged = await gateway.adapter.charge(charge_request(key))
+        gateway.lookup_outage()
+        with pytest.raises(GatewayUnavailable):
+            await gateway.adapter.find_charge(key)
+        assert await gateway.adapter.find_charge(key) == charged
+        assert len(gateway.ledger.successful_charges(key)) == 1
 
 
 class TestWebhooks:
@@ -496,6 +547,40 @@ class TestHttpProtocol:
             "amount": 1500, "currency": "EUR", "source": "tok_visa", "description": "Order 42",
             "metadata": {"order": "42"},
         }
+
+    async def test_looks_a_charge_up_by_key(self) -> None:
+        adapter, seen = _scripted(_ok(200, "pending"), _failure(404, "charge_not_found"))
+        assert await adapter.find_charge("pay 1/&") == ChargeResult("pending", "ch_1")
+        assert await adapter.find_charge("pay_2") is None
+        assert [(r.method, r.url.path, r.url.params["idempotency_key"]) for r in seen] == [
+            ("GET", "/v1/charges", "pay 1/&"), ("GET", "/v1/charges", "pay_2"),
+        ]
+        assert seen[0].headers["Authorization"] == "Bearer sk_live_x"
+
+    async def test_a_declined_charge_is_looked_up_with_its_reason(self) -> None:
+        body = {"id": "ch_9", "status": "declined", "amount": 1500, "currency": "EUR",
+                "failure_code": "expired_card", "failure_message": "The card has expired."}
+        adapter, _ = _scripted(httpx.Response(200, json=body))
+        assert await adapter.find_charge("pay_1") == ChargeResult(
+            "declined", "ch_9", "expired_card", "The card has expired."
+        )
+
+    @pytest.mark.parametrize(
+        "answer",
+        [_failure(503, "down"), _failure(429, "rate_limited"), httpx.Response(200, json={"id": "ch_1"}),
+         httpx.ReadTimeout("slow")],
+        ids=["503", "429", "200-no-status", "read-timeout"],
+    )
+    async def test_a_transient_look_up_failure_is_retried(self, answer: httpx.Response | Exception) -> None:
+        adapter, seen = _scripted(answer)
+        assert await adapter.find_charge("pay_1") == ChargeResult("succeeded", "ch_1")
+        assert len(seen) == 2
+
+    async def test_a_404_that_is_not_charge_not_found_is_no_answer(self) -> None:
+        """A gateway without the look-up route must not read as "never charged"."""
+        adapter, _ = _scripted(httpx.Response(404, text="Not Found"))
+        with pytest.raises(GatewayRejected):
+            await adapter.find_charge("pay_1")
 
     async def test_maps_created_pending_and_declined(self) -> None:
         adapter, _ = _scripted(_ok(201, "pending"))

@@ -2,9 +2,10 @@
 ``modules.billing.adapters.http`` over TCP.
 
 It applies the rules of ``modules.billing.adapters.gateway.GatewayLedger`` (kept as ``gw.ledger``), so
-the HTTP
-adapter and ``FakePaymentGateway`` answer the same contract. uvicorn serves a tiny Starlette app on
-its own thread. Faults are injected per request, thread-safely: ``fail_next`` (answer an error
+the HTTP adapter and ``FakePaymentGateway`` answer the same contract: ``POST /v1/charges`` charges
+once per key, ``GET /v1/charges?idempotency_key=`` looks the key's charge up (the reconciler's
+question; each look-up is listed in ``lookups``). uvicorn serves a tiny Starlette app on its own
+thread. Faults are injected per request, thread-safely: ``fail_next`` (answer an error
 without charging), ``delay_next`` (charge, then answer late: a read timeout on a charge that
 happened) and ``hold_after_charge`` (charge, then keep the key in flight until released).
 ``settle_pending`` turns pending charges into signed webhook deliveries, POSTed to ``webhook_url``
@@ -108,6 +109,7 @@ class GatewayServer:
         self.webhook_deliveries: list[tuple[GatewayEvent, int | None]] = []  # None: not delivered
         self._lock = threading.Lock()
         self._failures: tuple[int, int, float | None] = (0, 503, None)  # count, status, Retry-After
+        self._lookup_failures: tuple[int, int, float | None] = (0, 503, None)
         self._delay = 0.0
         self._holds: deque[HeldCharge] = deque()
         self._handles: list[HeldCharge] = []
@@ -116,7 +118,9 @@ class GatewayServer:
         self._log_level = log_level
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
-        self.app = Starlette(routes=[Route("/v1/charges", self._charges, methods=["POST"])])
+        self.lookups: list[tuple[str | None, int]] = []  # (idempotency_key, status) per look-up
+        self.app = Starlette(routes=[Route("/v1/charges", self._charges, methods=["POST"]),
+                                     Route("/v1/charges", self._find, methods=["GET"])])
 
     @property
     def url(self) -> str:
@@ -124,10 +128,15 @@ class GatewayServer:
 
     # --- fault injection ------------------------------------------------------------------------
 
-    def fail_next(self, count: int, status: int = 503, retry_after: float | None = None) -> None:
-        """The next ``count`` charge requests answer ``status`` without charging."""
+    def fail_next(self, count: int, status: int = 503, retry_after: float | None = None, *,
+                  lookups: bool = False) -> None:
+        """The next ``count`` charge requests answer ``status`` without charging; ``lookups=True``:
+        the next ``count`` look-ups instead."""
         with self._lock:
-            self._failures = (count, status, retry_after)
+            if lookups:
+                self._lookup_failures = (count, status, retry_after)
+            else:
+                self._failures = (count, status, retry_after)
 
     def delay_next(self, seconds: float) -> None:
         """The next charge request that reaches the ledger answers ``seconds`` late."""
@@ -146,6 +155,7 @@ class GatewayServer:
         """Forget pending fault injections and release every held request."""
         with self._lock:
             self._failures, self._delay = (0, 503, None), 0.0
+            self._lookup_failures = (0, 503, None)
             self._holds.clear()
             handles = list(self._handles)
         for handle in handles:
@@ -162,17 +172,50 @@ class GatewayServer:
             await asyncio.sleep(delay)  # the charge is done and the key free: only the answer is late
         return JSONResponse(body, status, headers=headers)
 
+    async def _find(self, request: Request) -> JSONResponse:
+        """``GET /v1/charges?idempotency_key=``: the ledger's charge for the key as it stands now."""
+        key = request.query_params.get("idempotency_key")
+        status, body, headers = self._find_answer(request, key)
+        with self._lock:
+            self.lookups.append((key, status))
+        return JSONResponse(body, status, headers=headers)
+
+    def _find_answer(self, request: Request, key: str | None) -> Answer:
+        failure = self._take_failure(lookup=True)
+        if failure is not None:
+            return failure
+        if request.headers.get("authorization") != f"Bearer {self.api_key}":
+            return _error(401, "unauthorized", "Missing or wrong API key.")
+        if not key:
+            return _error(400, "invalid_request", "The idempotency_key parameter is required.")
+        found = self.ledger.find(key)
+        if found is None:
+            return _error(404, "charge_not_found", "No charge was made with this idempotency key.")
+        result = found.result
+        return 200, {"id": result.charge_id, "status": result.status, "amount": found.params["amount"],
+                     "currency": found.params["currency"], "failure_code": result.failure_code,
+                     "failure_message": result.failure_message}, {}
+
+    def _take_failure(self, *, lookup: bool = False) -> Answer | None:
+        """The injected failure for this request, if ``fail_next`` has any left for its kind."""
+        with self._lock:
+            count, failure_status, retry_after = self._lookup_failures if lookup else self._failures
+            if count <= 0:
+                return None
+            if lookup:
+                self._lookup_failures = (count - 1, failure_status, retry_after)
+            else:
+                self._failures = (count - 1, failure_status, retry_after)
+        status, body, headers = _error(failure_status, "injected_failure", "Injected failure.")
+        if retry_after is not None:
+            headers["Retry-After"] = f"{retry_after:g}"
+        return status, body, headers
+
     async def _answer(self, request: Request, key: str | None) -> tuple[Answer, float]:
         """The answer and how late to send it."""
-        with self._lock:
-            count, failure_status, retry_after = self._failures
-            if count > 0:
-                self._failures = (count - 1, failure_status, retry_after)
-        if count > 0:
-            status, body, headers = _error(failure_status, "injected_failure", "Injected failure.")
-            if retry_after is not None:
-                headers["Retry-After"] = f"{retry_after:g}"
-            return (status, body, headers), 0.0
+        failure = self._take_failure()
+        if failure is not None:
+            return failure, 0.0
         if request.headers.get("authorization") != f"Bearer {self.api_key}":
             return _error(401, "unauthorized", "Missing or wrong API key."), 0.0
         if not key:

@@ -7,23 +7,33 @@ facades; the gateway, outbox, inbox and email sender are the in-process adapters
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
+from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from prometheus_client import CollectorRegistry
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from core.db.base import utcnow
+from core.db.engine import create_engine
+from core.db.session import UnitOfWork, session_factory
 from core.edge.errors import NotFound, Unprocessable
 from core.edge.pagination import CursorCodec
 from core.email import InMemoryEmailSender
 from core.messaging.outbox import EVENT, JOB, Inbox, Outbox, OutboxMessage
+from core.messaging.periodic import PeriodicContext
 from core.security import Principal
 from modules.billing.adapters.gateway import (
     DECLINED,
     SUCCEEDED,
+    ChargeRequest,
+    ChargeResult,
     FakePaymentGateway,
     GatewayEvent,
     GatewayUnavailable,
@@ -36,13 +46,16 @@ from modules.billing.domain import (
     PaymentInProgress,
     PaymentNotFound,
     PaymentStatus,
+    ReconcileOutcome,
     format_money,
 )
+from modules.billing.metrics import ReconcileMetrics
 from modules.billing.models import InvoiceLineRow, InvoiceRow, PaymentRow
 from modules.billing.public import PaymentFailed, PaymentSucceeded
 from modules.billing.repository import InvoiceRepository, PaymentRepository
 from modules.billing.service.invoices import Invoice, InvoiceService
 from modules.billing.service.payments import CHARGE_TASK, Payment, PaymentService
+from modules.billing.tasks import reconcile_payments
 from modules.items.public import ItemPrice
 from modules.users.public import UserSummary
 
@@ -730,3 +743,366 @@ class TestSendReceipt:
         await payments.send_receipt(session, PaymentSucceeded.model_validate(row.payload))
 
         assert email.sent == []
+
+
+# --- payments: the reconciler --------------------------------------------------------------------
+
+
+async def _charged_then_lost(session: AsyncSession, payments: PaymentService, payment_id: uuid.UUID) -> None:
+    """The job charged at the gateway, then its worker died before committing anything."""
+    await session.flush()
+    lost = await session.begin_nested()
+    await payments.charge(session, payment_id)
+    await lost.rollback()
+    assert (await _payment(session, payment_id))["status"] == "pending"
+
+
+async def _untouched_for(session: AsyncSession, payment_id: uuid.UUID, seconds: float) -> None:
+    await session.execute(
+        update(PaymentRow).where(PaymentRow.id == payment_id)
+        .values(updated_at=utcnow() - timedelta(seconds=seconds))
+    )
+
+
+class TestReconcile:
+    async def test_a_charge_the_gateway_made_is_recorded_once_and_the_late_job_does_nothing(
+        self, session: AsyncSession, invoices: InvoiceService, payments: PaymentService, items: FakeItems,
+        owner: Principal, gateway: FakePaymentGateway,
+    ) -> None:
+        invoice, payment = await _started(session, invoices, payments, items, owner)
+        await _charged_then_lost(session, payments, payment.id)
+
+        assert await payments.reconcile(session, payment.id) == ReconcileOutcome.CHARGED_FOUND
+
+        key = str(payment.id)
+        stored = await _payment(session, payment.id)
+        assert stored["status"] == "succeeded"
+        assert stored["gateway_charge_id"] == gateway.ledger.charges[key].id
+        assert (await _invoice_state(session, invoice.id))["status"] == "paid"
+        assert len(await _succeeded_events(session, payment.id)) == 1
+        assert gateway.ledger.requests == [key]  # looked up, not charged again
+        await payments.charge(session, payment.id)  # the message comes back after all
+        assert await payments.reconcile(session, payment.id) is None
+        assert gateway.ledger.requests == [key]
+        assert len(await _succeeded_events(session, payment.id)) == 1
+
+    async def test_a_decline_the_gateway_made_fails_the_payment(
+        self, session: AsyncSession, invoices: InvoiceService, payments: PaymentService, items: FakeItems,
+        owner: Principal, gateway: FakePaymentGateway,
+    ) -> None:
+        invoice, payment = await _started(session, invoices, payments, items, owner, "tok_insufficientFunds")
+        await _charged_then_lost(session, payments, payment.id)
+
+        assert await payments.reconcile(session, payment.id) == ReconcileOutcome.DECLINED_FOUND
+
+        stored = await _payment(session, payment.id)
+        assert (stored["status"], stored["failure_code"]) == ("failed", "insufficient_funds")
+        assert (await _invoice_state(session, invoice.id))["status"] == "open"
+        assert len(await _failed_events(session, payment.id)) == 1
+        assert await _succeeded_events(session, payment.id) == []
+        assert gateway.ledger.requests == [str(payment.id)]
+
+    @pytest.mark.parametrize(
+        ("token", "outcome", "status", "failure_code"),
+        [("tok_visa", ReconcileOutcome.CHARGED_NOW, "succeeded", None),
+         ("tok_expiredCard", ReconcileOutcome.DECLINED_NOW, "failed", "expired_card"),
+         ("card_4242", ReconcileOutcome.DECLINED_NOW, "failed", "invalid_token")],
+        ids=["charged", "declined", "refused"],
+    )
+    async def test_a_payment_the_gateway_never_saw_is_charged_now_with_its_key(
+        self, session: AsyncSession, invoices: InvoiceService, payments: PaymentService, items: FakeItems,
+        owner: Principal, gateway: FakePaymentGateway, token: str, outcome: ReconcileOutcome, status: str,
+        failure_code: str | None,
+    ) -> None:
+        _, payment = await _started(session, invoices, payments, items, owner, token)
+
+        assert await payments.reconcile(session, payment.id) == outcome
+
+        stored = await _payment(session, payment.id)
+        assert (stored["status"], stored["failure_code"]) == (status, failure_code)
+        key = str(payment.id)
+        assert gateway.ledger.requests == [key]
+        await payments.charge(session, payment.id)  # the charge job, late: a no-op
+        assert gateway.ledger.requests == [key]
+        assert len(gateway.ledger.successful_charges(key)) == (1 if status == "succeeded" else 0)
+        settled = await _succeeded_events(session, payment.id) + await _failed_events(session, payment.id)
+        assert len(settled) == 1
+
+    async def test_a_charge_still_pending_at_the_gateway_waits_then_settles(
+        self, session: AsyncSession, invoices: InvoiceService, payments: PaymentService, items: FakeItems,
+        owner: Principal, gateway: FakePaymentGateway,
+    ) -> None:
+        invoice, payment = await _started(session, invoices, payments, items, owner, "tok_async")
+        await _charged_then_lost(session, payments, payment.id)
+        await _untouched_for(session, payment.id, 600)
+
+        assert await payments.reconcile(session, payment.id) == ReconcileOutcome.PENDING_AT_GATEWAY
+        stored = await _payment(session, payment.id)
+        assert stored["status"] == "pending"
+        assert stored["gateway_charge_id"] == gateway.ledger.charges[str(payment.id)].id
+        # Touched: it is not asked about again until another threshold has passed.
+        assert await payments.stale_pending(session, 60, 10) == []
+
+        gateway.ledger.settle_pending()  # its webhook is lost, say
+        assert await payments.reconcile(session, payment.id) == ReconcileOutcome.CHARGED_FOUND
+        assert (await _invoice_state(session, invoice.id))["status"] == "paid"
+        assert len(await _succeeded_events(session, payment.id)) == 1
+        assert gateway.ledger.requests == [str(payment.id)]
+
+    async def test_a_pending_charge_the_gateway_forgot_is_left_for_a_person(
+        self, session: AsyncSession, invoices: InvoiceService, payments: PaymentService, items: FakeItems,
+        owner: Principal, gateway: FakePaymentGateway,
+    ) -> None:
+        _, payment = await _started(session, invoices, payments, items, owner, "tok_async")
+        await payments.charge(session, payment.id)
+        del gateway.ledger.charges[str(payment.id)]
+
+        assert await payments.reconcile(session, payment.id) == ReconcileOutcome.MISSING_AT_GATEWAY
+
+        assert (await _payment(session, payment.id))["status"] == "pending"
+        assert gateway.ledger.requests == [str(payment.id)]  # never charged a second time
+
+    async def test_a_gateway_outage_leaves_the_payment_pending(
+        self, session: AsyncSession, invoices: InvoiceService, payments: PaymentService, items: FakeItems,
+        owner: Principal, gateway: FakePaymentGateway,
+    ) -> None:
+        _, payment = await _started(session, invoices, payments, items, owner)
+        gateway.fail_next(1, lookups=True)
+
+        with pytest.raises(GatewayUnavailable):
+            await payments.reconcile(session, payment.id)
+
+        assert (await _payment(session, payment.id))["status"] == "pending"
+        assert gateway.ledger.requests == []
+
+    async def test_settled_and_unknown_payments_are_left_alone(
+        self, session: AsyncSession, invoices: InvoiceService, payments: PaymentService, items: FakeItems,
+        owner: Principal, gateway: FakePaymentGateway,
+    ) -> None:
+        _, payment = await _started(session, invoices, payments, items, owner)
+        await payments.charge(session, payment.id)
+        gateway.fail_next(1, lookups=True)  # a look-up would raise
+
+        assert await payments.reconcile(session, payment.id) is None
+        assert await payments.reconcile(session, uuid.uuid4()) is None
+
+    async def test_stale_pending_lists_payments_untouched_past_the_threshold_oldest_first(
+        self, session: AsyncSession, invoices: InvoiceService, payments: PaymentService, items: FakeItems,
+        owner: Principal,
+    ) -> None:
+        started = [(await _started(session, invoices, payments, items, owner))[1] for _ in range(4)]
+        old, older, fresh, settled = started
+        await payments.charge(session, settled.id)
+        for payment, seconds in ((old, 120), (older, 300), (settled, 600)):
+            await _untouched_for(session, payment.id, seconds)
+        mine = {p.id for p in started}
+
+        due = [p for p in await payments.stale_pending(session, 60, 100) if p in mine]
+
+        assert due == [older.id, old.id]
+        assert fresh.id not in await payments.stale_pending(session, 60, 100)
+        assert len(await payments.stale_pending(session, 60, 1)) == 1
+
+
+# --- the reconciler against jobs and other workers (committed data: a database of the test's own) --
+
+
+class HeldGateway(FakePaymentGateway):
+    """The fake gateway, slowed a little; ``hold_next`` stops the next call (once the ledger has
+    answered) until ``release`` is set, as a charge in flight at the gateway."""
+
+    def __init__(self) -> None:
+        super().__init__("webhook-secret")
+        self.entered, self.release = asyncio.Event(), asyncio.Event()
+        self._hold = False
+
+    def hold_next(self) -> None:
+        self._hold = True
+
+    async def _after_call(self) -> None:
+        await asyncio.sleep(0.005)  # lets other transactions run while this one waits for the gateway
+        if self._hold:
+            self._hold = False
+            self.entered.set()
+            await self.release.wait()
+
+    async def charge(self, request: ChargeRequest) -> ChargeResult:
+        result = await super().charge(request)
+        await self._after_call()
+        return result
+
+    async def find_charge(self, idempotency_key: str) -> ChargeResult | None:
+        result = await super().find_charge(idempotency_key)
+        await self._after_call()
+        return result
+
+
+class _Crash(Exception):
+    """The worker died before its commit."""
+
+
+@dataclass
+class Committed:
+    sessions: async_sessionmaker[AsyncSession]
+    service: PaymentService
+    gateway: HeldGateway
+    metrics: ReconcileMetrics
+    registry: CollectorRegistry
+
+    def run(self, use_case: Callable[[AsyncSession], Awaitable[Any]]) -> asyncio.Task[Any]:
+        """``use_case`` in a unit of work of its own (committed at the end), as a task."""
+
+        async def unit() -> Any:
+            async with UnitOfWork(self.sessions) as session:
+                return await use_case(session)
+
+        return asyncio.create_task(unit())
+
+    def periodic(self, after: float = 60) -> PeriodicContext:
+        container = SimpleNamespace(payments=lambda: self.service, reconcile_metrics=lambda: self.metrics,
+                                    settings=lambda: SimpleNamespace(billing_reconcile_after_seconds=after))
+        return PeriodicContext(container, self.sessions)
+
+    def reconciled(self, outcome: ReconcileOutcome) -> float:
+        return self.registry.get_sample_value("atrium_payments_reconciled_total",
+                                              {"outcome": outcome.value}) or 0.0
+
+    async def payment(self, payment_id: uuid.UUID) -> dict[str, Any]:
+        async with self.sessions() as session:
+            return await _payment(session, payment_id)
+
+    async def events(self, payment_id: uuid.UUID) -> list[OutboxMessage]:
+        """Its PaymentSucceeded and PaymentFailed rows: one each means one receipt (or one failure)."""
+        async with self.sessions() as session:
+            succeeded = await _succeeded_events(session, payment_id)
+            return succeeded + await _failed_events(session, payment_id)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def private_url(request: pytest.FixtureRequest) -> str:
+    """A migrated database of the test's own, for data that must really be committed."""
+    return str(request.getfixturevalue(f"private_{request.param}_url"))
+
+
+@pytest.fixture
+async def committed(
+    private_url: str, invoices: InvoiceService, users: FakeUsers, email: InMemoryEmailSender,
+) -> AsyncIterator[Committed]:
+    engine = create_engine(private_url)
+    gateway = HeldGateway()
+    service = PaymentService(invoices, InvoiceRepository(), PaymentRepository(), Outbox(), Inbox(), gateway,
+                             users, email)
+    registry = CollectorRegistry()
+    try:
+        yield Committed(session_factory(engine), service, gateway, ReconcileMetrics(registry), registry)
+    finally:
+        gateway.release.set()
+        await engine.dispose()
+
+
+async def _committed_payments(
+    committed: Committed, invoices: InvoiceService, items: FakeItems, owner: Principal, *tokens: str,
+    untouched_for: float = 0,
+) -> list[Payment]:
+    started = []
+    for token in tokens:
+        started.append(await committed.run(
+            lambda s, token=token: _started(s, invoices, committed.service, items, owner, token)
+        ))
+    if untouched_for:
+        for _, payment in started:
+            await committed.run(lambda s, p=payment: _untouched_for(s, p.id, untouched_for))
+    return [payment for _, payment in started]
+
+
+async def _crashed_charge(committed: Committed, payment_id: uuid.UUID) -> None:
+    """The charge job reached the gateway, then its worker died: nothing of it was committed."""
+
+    async def charge_then_die(session: AsyncSession) -> None:
+        await committed.service.charge(session, payment_id)
+        raise _Crash
+
+    with pytest.raises(_Crash):
+        await committed.run(charge_then_die)
+
+
+class TestReconcileConcurrently:
+    async def test_a_job_in_flight_keeps_the_reconciler_off_and_charges_once(
+        self, committed: Committed, invoices: InvoiceService, items: FakeItems, owner: Principal,
+    ) -> None:
+        [payment] = await _committed_payments(committed, invoices, items, owner, "tok_visa")
+        committed.gateway.hold_next()
+        job = committed.run(lambda s: committed.service.charge(s, payment.id))
+        await asyncio.wait_for(committed.gateway.entered.wait(), 10)  # charged, not yet committed
+
+        reconciler = committed.run(lambda s: committed.service.reconcile(s, payment.id))
+        await asyncio.sleep(0.3)  # PostgreSQL: it skips the locked payment; SQLite: it waits its turn
+        committed.gateway.release.set()
+        _, outcome = await asyncio.wait_for(asyncio.gather(job, reconciler), 20)
+
+        assert outcome is None
+        assert (await committed.payment(payment.id))["status"] == "succeeded"
+        assert committed.gateway.ledger.requests == [str(payment.id)]
+        assert len(await committed.events(payment.id)) == 1
+
+    async def test_a_job_arriving_while_the_reconciler_works_does_nothing(
+        self, committed: Committed, invoices: InvoiceService, items: FakeItems, owner: Principal,
+    ) -> None:
+        [payment] = await _committed_payments(committed, invoices, items, owner, "tok_visa")
+        committed.gateway.hold_next()
+        reconciler = committed.run(lambda s: committed.service.reconcile(s, payment.id))
+        await asyncio.wait_for(committed.gateway.entered.wait(), 10)  # looked up: never charged
+
+        job = committed.run(lambda s: committed.service.charge(s, payment.id))
+        await asyncio.sleep(0.3)  # the job waits for the payment's locks (SQLite: for its turn)
+        committed.gateway.release.set()
+        outcome, _ = await asyncio.wait_for(asyncio.gather(reconciler, job), 20)
+
+        assert outcome == ReconcileOutcome.CHARGED_NOW
+        assert (await committed.payment(payment.id))["status"] == "succeeded"
+        assert committed.gateway.ledger.requests == [str(payment.id)]
+        assert len(committed.gateway.ledger.successful_charges(str(payment.id))) == 1
+        assert len(await committed.events(payment.id)) == 1
+
+    async def test_two_workers_reconciling_at_once_finish_each_payment_once_and_count_it(
+        self, committed: Committed, invoices: InvoiceService, items: FakeItems, owner: Principal,
+    ) -> None:
+        tokens = ["tok_visa"] * 3 + ["tok_chargeDeclined"] * 2 + ["tok_mastercard"] * 3 + ["tok_expiredCard"]
+        payments = await _committed_payments(committed, invoices, items, owner, *tokens, untouched_for=120)
+        for payment in payments[:5]:  # charged or declined at the gateway by a job that then died
+            await _crashed_charge(committed, payment.id)
+        [fresh] = await _committed_payments(committed, invoices, items, owner, "tok_visa")
+
+        await asyncio.wait_for(asyncio.gather(reconcile_payments.fn(committed.periodic()),
+                                              reconcile_payments.fn(committed.periodic())), 30)
+
+        states = [(await committed.payment(p.id))["status"] for p in payments]
+        assert states == ["succeeded"] * 3 + ["failed"] * 2 + ["succeeded"] * 3 + ["failed"]
+        for payment in payments:
+            assert committed.gateway.ledger.requests.count(str(payment.id)) == 1
+            assert len(await committed.events(payment.id)) == 1
+        assert (await committed.payment(fresh.id))["status"] == "pending"  # not past the threshold
+        assert str(fresh.id) not in committed.gateway.ledger.requests
+        counts = {o: committed.reconciled(o) for o in ReconcileOutcome}
+        assert counts == {ReconcileOutcome.CHARGED_FOUND: 3, ReconcileOutcome.DECLINED_FOUND: 2,
+                          ReconcileOutcome.CHARGED_NOW: 3, ReconcileOutcome.DECLINED_NOW: 1,
+                          ReconcileOutcome.PENDING_AT_GATEWAY: 0, ReconcileOutcome.MISSING_AT_GATEWAY: 0,
+                          ReconcileOutcome.GATEWAY_UNAVAILABLE: 0}
+
+        await reconcile_payments.fn(committed.periodic())  # nothing left to do
+        assert {o: committed.reconciled(o) for o in ReconcileOutcome} == counts
+
+    async def test_an_outage_ends_the_run_and_the_next_run_finishes_the_payments(
+        self, committed: Committed, invoices: InvoiceService, items: FakeItems, owner: Principal,
+    ) -> None:
+        payments = await _committed_payments(committed, invoices, items, owner, "tok_visa", "tok_visa",
+                                              untouched_for=120)
+        committed.gateway.fail_next(1, lookups=True)
+
+        await reconcile_payments.fn(committed.periodic())
+
+        assert committed.reconciled(ReconcileOutcome.GATEWAY_UNAVAILABLE) == 1
+        assert [(await committed.payment(p.id))["status"] for p in payments] == ["pending", "pending"]
+        await reconcile_payments.fn(committed.periodic())
+        assert [(await committed.payment(p.id))["status"] for p in payments] == ["succeeded", "succeeded"]
+        assert committed.reconciled(ReconcileOutcome.CHARGED_NOW) == 2

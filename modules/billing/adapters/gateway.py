@@ -3,6 +3,8 @@
 Every charge carries an idempotency key (the payment's id). A gateway that sees the same key again
 returns the first charge instead of making a second one, so a job may safely call ``charge`` again
 after a timeout, a retry or a crash: that is what makes "charged at most once" hold end to end.
+``find_charge`` asks what became of a key without charging: the payment reconciler's question about
+a payment left ``pending`` by a crash.
 
 Two adapters: ``FakePaymentGateway`` (in memory, deterministic, for development and tests) and
 ``HttpPaymentGateway`` (httpx, for a real gateway; see ``modules.billing.adapters.http``). Both apply the same
@@ -101,6 +103,11 @@ class InvalidWebhook(Exception):
 class PaymentGateway(Protocol):
     async def charge(self, request: ChargeRequest) -> ChargeResult:
         """Charge once per idempotency key; raises ``GatewayUnavailable`` or ``GatewayRejected``."""
+        ...
+
+    async def find_charge(self, idempotency_key: str) -> ChargeResult | None:
+        """The charge made for this key as it stands now (``pending`` until settled), or None when the
+        gateway never made one; raises ``GatewayUnavailable``. Asks, never charges."""
         ...
 
     def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> GatewayEvent:
@@ -215,6 +222,12 @@ class GatewayLedger:
                 )
             return result
 
+    def find(self, idempotency_key: str) -> LedgerCharge | None:
+        """The charge made for this key, as it stands now; None when none was made. A look-up is not
+        a charge attempt: ``requests`` does not list it."""
+        with self._lock:
+            return self.charges.get(idempotency_key)
+
     @staticmethod
     def _decide(request: ChargeRequest) -> tuple[ChargeResult, ChargeStatus | None]:
         if not request.token.startswith("tok_") or len(request.token) > 255:
@@ -264,12 +277,17 @@ class FakePaymentGateway:
         self.ledger = GatewayLedger()
         self.webhook_secret = webhook_secret
         self._failures = 0
+        self._lookup_failures = 0
         self._lock = threading.Lock()
 
-    def fail_next(self, count: int) -> None:
-        """The next ``count`` charge calls raise ``GatewayUnavailable`` (before any charge is made)."""
+    def fail_next(self, count: int, *, lookups: bool = False) -> None:
+        """The next ``count`` charge calls raise ``GatewayUnavailable`` (before any charge is made);
+        ``lookups=True``: the next ``count`` ``find_charge`` calls instead."""
         with self._lock:
-            self._failures = count
+            if lookups:
+                self._lookup_failures = count
+            else:
+                self._failures = count
 
     async def charge(self, request: ChargeRequest) -> ChargeResult:
         with self._lock:
@@ -277,6 +295,14 @@ class FakePaymentGateway:
                 self._failures -= 1
                 raise GatewayUnavailable("injected gateway outage")
         return self.ledger.charge(request)
+
+    async def find_charge(self, idempotency_key: str) -> ChargeResult | None:
+        with self._lock:
+            if self._lookup_failures > 0:
+                self._lookup_failures -= 1
+                raise GatewayUnavailable("injected gateway outage")
+        found = self.ledger.find(idempotency_key)
+        return None if found is None else found.result
 
     def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> GatewayEvent:
         return verify_webhook(self.webhook_secret, body, _header(headers, SIGNATURE_HEADER))

@@ -14,7 +14,10 @@ The wire protocol (served for tests by ``tests.support.gateway``):
 ``POST /v1/charges`` with ``Authorization: Bearer <api key>``, ``Idempotency-Key`` and a JSON body
 ``{"amount", "currency", "source", "description", "metadata"}``; 200/201 answer
 ``{"id", "status", "amount", "currency"}``, every failure ``{"error": {"code", "message", ...}}``
-(402 adds the declined ``charge_id``).
+(402 adds the declined ``charge_id``). ``GET /v1/charges?idempotency_key=<key>`` looks a charge up
+without making one: 200 ``{"id", "status", "amount", "currency", "failure_code", "failure_message"}``
+(``status`` may be ``declined``), 404 ``charge_not_found`` when that key was never charged; it is
+retried like a charge.
 
 Connection pools are bound to the event loop that opened them, and the adapter is shared by the
 API's loop and a worker's loop thread, so it keeps one ``httpx.AsyncClient`` per running loop.
@@ -28,8 +31,8 @@ import contextlib
 import math
 import random
 import threading
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import httpx
 from loguru import logger
@@ -46,6 +49,8 @@ from modules.billing.adapters.gateway import (
     GatewayUnavailable,
     verify_webhook,
 )
+
+T = TypeVar("T")
 
 CHARGES_PATH = "/v1/charges"
 # 4xx answers worth retrying (409 only when not ``idempotency_key_reused``); any other 4xx is permanent.
@@ -104,30 +109,20 @@ class HttpPaymentGateway:
             "metadata": dict(request.metadata),
         }
         headers = {"Idempotency-Key": request.idempotency_key}
-        reason = "no attempt made"
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                response = await self._client().post(CHARGES_PATH, json=body, headers=headers)
-                return _interpret(response)
-            except _Transient as failure:
-                reason, retry_after = failure.reason, failure.retry_after
-            except httpx.TimeoutException as exc:
-                reason, retry_after = f"timeout ({type(exc).__name__})", None
-            except httpx.RequestError as exc:  # connect, protocol, network, decoding errors
-                reason, retry_after = type(exc).__name__, None
-            if attempt == self.max_attempts:
-                break
-            delay = self._delay(attempt, retry_after)
-            logger.warning(
-                "payment gateway: attempt {attempt}/{max_attempts} for key {key} failed ({reason}); "
-                "retrying in {delay:.2f}s",
-                attempt=attempt, max_attempts=self.max_attempts, key=request.idempotency_key,
-                reason=reason, delay=delay,
-            )
-            await asyncio.sleep(delay)
-        raise GatewayUnavailable(
-            f"payment gateway unavailable after {self.max_attempts} attempt(s): {reason}"
-        )
+
+        async def attempt() -> ChargeResult:
+            return _interpret(await self._client().post(CHARGES_PATH, json=body, headers=headers))
+
+        return await self._with_retries(request.idempotency_key, attempt)
+
+    async def find_charge(self, idempotency_key: str) -> ChargeResult | None:
+        """``GET /v1/charges?idempotency_key=``: 200 the charge as it stands, 404 ``charge_not_found``."""
+
+        async def attempt() -> ChargeResult | None:
+            response = await self._client().get(CHARGES_PATH, params={"idempotency_key": idempotency_key})
+            return _interpret_lookup(response)
+
+        return await self._with_retries(idempotency_key, attempt)
 
     def parse_webhook(self, body: bytes, headers: Mapping[str, str]) -> GatewayEvent:
         return verify_webhook(self._webhook_secret, body, _header(headers, SIGNATURE_HEADER))
@@ -149,6 +144,31 @@ class HttpPaymentGateway:
                     await asyncio.wait_for(asyncio.wrap_future(future), timeout=5.0)
 
     # --- internals --------------------------------------------------------------------------------
+
+    async def _with_retries(self, key: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``attempt()`` until it answers, retrying transient failures; then ``GatewayUnavailable``."""
+        reason = "no attempt made"
+        for number in range(1, self.max_attempts + 1):
+            try:
+                return await attempt()
+            except _Transient as failure:
+                reason, retry_after = failure.reason, failure.retry_after
+            except httpx.TimeoutException as exc:
+                reason, retry_after = f"timeout ({type(exc).__name__})", None
+            except httpx.RequestError as exc:  # connect, protocol, network, decoding errors
+                reason, retry_after = type(exc).__name__, None
+            if number == self.max_attempts:
+                break
+            delay = self._delay(number, retry_after)
+            logger.warning(
+                "payment gateway: attempt {attempt}/{max_attempts} for key {key} failed ({reason}); "
+                "retrying in {delay:.2f}s",
+                attempt=number, max_attempts=self.max_attempts, key=key, reason=reason, delay=delay,
+            )
+            await asyncio.sleep(delay)
+        raise GatewayUnavailable(
+            f"payment gateway unavailable after {self.max_attempts} attempt(s): {reason}"
+        )
 
     def _client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
@@ -193,6 +213,25 @@ def _interpret(response: httpx.Response) -> ChargeResult:
     if status in TRANSIENT_4XX or status >= 500 or status < 400:
         raise _Transient(f"HTTP {status} {code}".rstrip(), _retry_after(response))
     raise GatewayRejected(code or f"http_{status}", message or f"The gateway refused the request ({status}).")
+
+
+def _interpret_lookup(response: httpx.Response) -> ChargeResult | None:
+    """A look-up's answer: the charge, None for ``charge_not_found``, else as ``_interpret`` fails."""
+    status = response.status_code
+    if status == 404 and _error(response).get("code") == "charge_not_found":
+        return None
+    if status != 200:
+        _interpret(response)  # raises for every failure status
+        raise _Transient(f"HTTP {status} to a look-up")
+    payload = _json(response)
+    charge_id, charge_status = payload.get("id"), payload.get("status")
+    if not isinstance(charge_id, str) or charge_status not in (SUCCEEDED, PENDING, DECLINED):
+        raise _Transient(f"HTTP {status} with an unreadable body")
+    if charge_status != DECLINED:
+        return ChargeResult(charge_status, charge_id)
+    code, message = payload.get("failure_code"), payload.get("failure_message")
+    return ChargeResult(DECLINED, charge_id, str(code) if code else "declined",
+                        str(message) if message else None)
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from loguru import logger
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -34,6 +34,7 @@ from modules.billing.domain import (
     PaymentInProgress,
     PaymentNotFound,
     PaymentStatus,
+    ReconcileOutcome,
     invoice_transition,
     payment_transition,
     receipt_email,
@@ -46,6 +47,10 @@ from modules.billing.service.invoices import InvoiceService, to_invoice, visible
 from modules.users.public import UsersFacade
 
 CHARGE_TASK = "billing.charge_payment"
+_FOUND = {SUCCEEDED: ReconcileOutcome.CHARGED_FOUND, DECLINED: ReconcileOutcome.DECLINED_FOUND,
+          PENDING: ReconcileOutcome.PENDING_AT_GATEWAY}
+_NOW = {SUCCEEDED: ReconcileOutcome.CHARGED_NOW, DECLINED: ReconcileOutcome.DECLINED_NOW,
+        PENDING: ReconcileOutcome.PENDING_AT_GATEWAY}
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,17 +137,7 @@ class PaymentService:
         _, payment = locked
         if payment.status != PaymentStatus.PENDING.value or payment.gateway_charge_id is not None:
             return  # settled already, or waiting for the gateway's webhook
-        request = ChargeRequest(
-            idempotency_key=str(payment.id), amount=payment.amount, currency=payment.currency,
-            token=payment.token, description=f"Atrium invoice {payment.invoice_id}",
-            metadata={"payment_id": str(payment.id), "invoice_id": str(payment.invoice_id)},
-        )
-        try:
-            result = await self._gateway.charge(request)
-        except GatewayRejected as exc:
-            await self._settle(session, payment, ChargeResult(DECLINED, None, exc.code, exc.message))
-            return
-        await self._settle(session, payment, result)
+        await self._charge_locked(session, payment)
 
     async def give_up(self, session: AsyncSession, payment_id: uuid.UUID) -> None:
         """After the last retry: the payment fails with a reason the user can read."""
@@ -178,6 +173,44 @@ class PaymentService:
         ))
         return True
 
+    async def stale_pending(self, session: AsyncSession, older_than: float, limit: int) -> list[uuid.UUID]:
+        """Ids of payments pending and untouched for ``older_than`` seconds, the longest waiting first."""
+        cutoff = utcnow() - timedelta(seconds=older_than)
+        return list((await session.scalars(self._payments.pending_since(cutoff, limit))).all())
+
+    async def reconcile(self, session: AsyncSession, payment_id: uuid.UUID) -> ReconcileOutcome | None:
+        """Finish a payment left pending (its message lost, its worker killed mid-charge): ask the
+        gateway by the payment's idempotency key and record what it did, or charge now with that key.
+
+        Settles through the charge job's own code, so a job that runs later finds the payment settled
+        and does nothing. None when there is nothing to do: the payment is settled already, or a job
+        (or another worker's reconciler) holds its locks right now and finishes it. ``GatewayError``
+        from the look-up propagates and leaves the payment pending.
+        """
+        peek = await self._payments.get(session, payment_id)
+        if peek is None or peek.status != PaymentStatus.PENDING.value:
+            return None
+        # The module's lock order (invoice, then payment), but skipping what someone else holds.
+        invoice = await self._invoices.one_or_none(
+            session, self._invoices.lock_unless_busy(peek.invoice_id)
+        )
+        if invoice is None:
+            return None
+        payment = await self._payments.one_or_none(session, self._payments.lock_unless_busy(payment_id))
+        if payment is None or payment.status != PaymentStatus.PENDING.value:
+            return None
+        found = await self._gateway.find_charge(str(payment.id))
+        if found is None and payment.gateway_charge_id is not None:
+            # It answered "pending" with this charge once; charging again could take the money twice.
+            logger.error("reconcile: the gateway knows no charge for payment {}, which it answered with "
+                         "charge {}; left pending for a person to settle",
+                         payment.id, payment.gateway_charge_id)
+            return ReconcileOutcome.MISSING_AT_GATEWAY
+        if found is None:
+            return _NOW[(await self._charge_locked(session, payment)).status]
+        await self._settle(session, payment, found)
+        return _FOUND[found.status]
+
     async def send_receipt(self, session: AsyncSession, event: PaymentSucceeded) -> None:
         """Job body: mail the receipt of a successful payment to the invoice's owner."""
         user = await self._users.get_user(session, event.user_id)
@@ -204,7 +237,23 @@ class PaymentService:
             return None
         return invoice, payment
 
+    async def _charge_locked(self, session: AsyncSession, payment: PaymentRow) -> ChargeResult:
+        """Charge a locked pending payment with its id as the idempotency key and settle it: the one
+        way a payment is charged, by its job or by the reconciler."""
+        request = ChargeRequest(
+            idempotency_key=str(payment.id), amount=payment.amount, currency=payment.currency,
+            token=payment.token, description=f"Atrium invoice {payment.invoice_id}",
+            metadata={"payment_id": str(payment.id), "invoice_id": str(payment.invoice_id)},
+        )
+        try:
+            result = await self._gateway.charge(request)
+        except GatewayRejected as exc:
+            result = ChargeResult(DECLINED, None, exc.code, exc.message)
+        await self._settle(session, payment, result)
+        return result
+
     async def _settle(self, session: AsyncSession, payment: PaymentRow, result: ChargeResult) -> None:
+        """Record a charge's result on a payment locked (with its invoice) by this transaction."""
         now = utcnow()
         payment.updated_at = now
         if result.status == PENDING:  # the gateway answers later, by webhook
