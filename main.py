@@ -45,7 +45,13 @@ from core.module import Module, ModuleError, load_modules, select_modules
 from core.observability.access_log import access_log
 from core.observability.logging import configure_logging, flush_logs
 from core.observability.metrics import disable_multiprocess, install_metrics, prepare_serve, serve_metrics
-from core.observability.tracing import configure_tracing, scoped_app, shutdown_tracing
+from core.observability.tracing import (
+    UnsampledRequests,
+    configure_tracing,
+    scoped_app,
+    shutdown_tracing,
+    skip_request,
+)
 from core.observability.tracing import enabled as tracing_enabled
 from core.observability.tracing import provider as tracing_provider
 from core.preflight import NotReady, check_broker, check_database
@@ -112,6 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if traced:
         for name, routes in owned:
             _scope_routes(routes, name)
+        # Outermost: a request the edge did not sample runs untraced (core/observability/tracing.py).
+        app.add_middleware(UnsampledRequests)
     return app
 
 
@@ -124,12 +132,13 @@ def _telemetry(traced: bool) -> TelemetryConfig:
     (Prometheus has the metrics, loguru the logs), and the per-operation spans (dependencies,
     endpoint, serialization) come from FastAPI's own request handler only, which the fast path's
     handler replaces: without them a request's trace has the same shape on both paths (the SERVER
-    span, then the database, cache and HTTP calls beneath it).
+    span, then the database, cache and HTTP calls beneath it). Its ``exclude`` hook is where a
+    request is sampled or not (``skip_request``): an unsampled request gets no SERVER span at all.
     """
     if not traced:
         return {"tracing": False, "metrics": False, "logs": False}
     return {"tracing": True, "metrics": False, "logs": False, "operation_spans": False,
-            "tracer_provider": tracing_provider()}
+            "tracer_provider": tracing_provider(), "exclude": skip_request}
 
 
 def _scope_routes(routes: Sequence[Any], module: str) -> None:

@@ -22,8 +22,9 @@ request. ``PipelinedConnection`` is the few things those two calls need, done di
 server, in the order of the calls. Everything else (writes, invalidation, health pings, the
 broker) stays on redis-py.
 
-With tracing on, each command is a CLIENT span like the redis instrumentation's (which wraps
-redis-py's client and never sees this connection).
+In a traced request (``tracing.recording()``), each command is a CLIENT span like the redis
+instrumentation's (which wraps redis-py's client and never sees this connection); in an unsampled
+one, or with tracing off, none.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ class PipelinedConnection:
 
     async def execute(self, *args: Arg) -> Any:
         """Send one command and return its reply; an error reply is returned, not raised."""
-        if tracing.enabled():
+        if tracing.recording():
             return await self._traced(args)
         return await self._execute(args)
 

@@ -37,6 +37,7 @@ from sqlalchemy.util.concurrency import greenlet_spawn
 
 from core.db.engine import database_unavailable, timed_out
 from core.db.session import DIRECT_TRANSACTION
+from core.observability import tracing
 
 _DIRECT = DIRECT_TRANSACTION  # in session.info while a direct transaction is open
 
@@ -71,9 +72,16 @@ def compiled(holder: Any, dialect: Any) -> _Compiled:
 def observed(engine: Any) -> bool:
     """True when something listens to ``engine``'s statements (``before_cursor_execute`` or
     ``after_cursor_execute``: tracing instrumentation, statement logs, tests). Statements sent
-    straight to the driver would slip past it, so the direct paths step aside."""
+    straight to the driver would slip past it, so the direct paths step aside. The tracing
+    instrumentation's listeners count only in a traced request or job (``tracing.recording``): in
+    an unsampled one they would make no span."""
     dispatch = engine.dispatch
-    return bool(dispatch.before_cursor_execute or dispatch.after_cursor_execute)
+    before, after = dispatch.before_cursor_execute, dispatch.after_cursor_execute
+    if not (before or after):
+        return False
+    if tracing.recording():
+        return True
+    return not all(tracing.is_instrumentation(listener) for listener in (*before, *after))
 
 
 class _DirectTransaction:

@@ -44,7 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from core.db.session import UnitOfWork
 from core.observability.context import request_id_var
 from core.observability.tracing import enabled as tracing_enabled
-from core.observability.tracing import module_scope
+from core.observability.tracing import module_scope, unsampled_scope
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
@@ -279,7 +279,8 @@ def messaging_span(name: str, kind_name: Literal["PRODUCER", "CONSUMER"], module
     No carrier (a row written with tracing off, a message of an earlier version): a new trace, never
     the ambient context. ``link``: also link the span to that context (the span that sent a message).
     An exception, even a cancellation (a job's time limit), is recorded and marks the span an ERROR.
-    The span and those started inside (SQL, HTTP, SMTP) carry ``atrium.module=<module>``.
+    The span and those started inside (SQL, HTTP, SMTP) carry ``atrium.module=<module>``. A span
+    that does not record (its context says "not sampled") runs with the instrumentations suppressed.
     """
     from opentelemetry.trace import Link, SpanKind, Status, StatusCode, get_current_span
 
@@ -291,6 +292,10 @@ def messaging_span(name: str, kind_name: Literal["PRODUCER", "CONSUMER"], module
         name, context=parent, kind=SpanKind[kind_name], links=links, attributes=attributes,
         record_exception=False, set_status_on_exception=False,
     ) as span:
+        if not span.is_recording():  # an unsampled trace: its SQL, HTTP and Redis calls make no span
+            with unsampled_scope():
+                yield span
+            return
         try:
             yield span
         except BaseException as exc:

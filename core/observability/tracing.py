@@ -10,9 +10,18 @@ trace SQLAlchemy engines (those made from then on: ``core.db.engine`` calls
 ``create_async_engine`` through its module so the instrumentation's wrapper sees it), redis-py and
 httpx. FastAPI's native telemetry makes the SERVER span of each request (``main.create_app``).
 
-Sampling is parent-based: a span with a sampled parent (a request's ``traceparent``, a job's
-carried context) is recorded, one without a parent starts a trace with probability
-``ATRIUM_OTEL_SAMPLING_RATIO``, except a CLIENT span with no parent at all: the outbox relay's poll,
+Sampling is decided once per trace and follows the trace. A request is sampled at the edge, before
+FastAPI's telemetry starts its SERVER span (``skip_request``, its ``exclude`` hook): a W3C
+``traceparent`` decides by its sampled flag, a request without one is sampled with probability
+``ATRIUM_OTEL_SAMPLING_RATIO``. An unsampled request gets no SERVER span and runs as if tracing were
+off (``UnsampledRequests``): the instrumentations are suppressed, the fast path takes its direct
+paths (``recording``), and the current span is a non-recording one of its own trace id with the
+sampled flag clear, so an outbox row it writes carries "not sampled" to the jobs. A job whose
+carried context is unsampled runs the same way (``core.messaging.queue.messaging_span``).
+
+Behind the edge the sampler is parent-based: a span with a sampled parent (a job's carried context)
+is recorded; a root SERVER span is recorded (the edge sampled it); any other root span starts a
+trace with probability ``ATRIUM_OTEL_SAMPLING_RATIO``, except a CLIENT span: the outbox relay's poll,
 dramatiq's broker commands, a pool's ping. Those happen every second in every process and belong
 to no request or job; they start no trace.
 
@@ -23,8 +32,9 @@ app (``scoped_app``, installed by ``main.create_app``) stamps its module on it a
 entered. A job enters ``module_scope(task.module)`` before it starts its CONSUMER span.
 
 What other code uses: ``enabled()`` (a module-level flag: guard every tracing call on a hot path
-with it), ``module_scope``, ``quiet()`` (background statements that must start no span),
-``tracer(name)`` (a tracer of this provider).
+with it), ``recording()`` (whether the current request or job is being traced),
+``module_scope``, ``quiet()`` (background statements that must start no span), ``tracer(name)`` (a
+tracer of this provider).
 
 ``shutdown_tracing`` flushes and stops the exporter and removes the instrumentations; a later
 ``configure_tracing`` (tests build many apps in one process) gives the same provider a new exporter
@@ -35,13 +45,17 @@ and sampler: the processor and the sampler installed on the provider are switchb
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import random
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:  # the SDK is imported only when tracing is configured
@@ -76,11 +90,105 @@ _provider: TracerProvider | None = None  # the process's global SDK provider, on
 _hub: Any = None  # Hub: the provider's one span processor
 _switch: Any = None  # Switch: the provider's sampler
 _instrumented = False
+_ratio = 1.0  # the share of new traces sampled (skip_request)
+_suppress: Callable[[], Any] | None = None  # opentelemetry.instrumentation.utils.suppress_instrumentation
+
+UNSAMPLED = "atrium.unsampled_trace_id"  # in an unsampled request's ASGI scope (skip_request)
+# W3C trace-context: version-trace_id-parent_id-flags; a version other than 00 may append fields.
+_TRACEPARENT = re.compile(rb"\s*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?\s*")
 
 
 def enabled() -> bool:
     """Whether spans are being recorded in this process: guard any tracing work on a hot path."""
     return _enabled
+
+
+def recording() -> bool:
+    """Whether the current request or job is traced: tracing is on and the current span records.
+    False in an unsampled request or job, whose statements the fast path may send straight to the
+    driver (no instrumentation would have made a span of them)."""
+    return _enabled and trace.get_current_span().is_recording()
+
+
+def parse_traceparent(value: bytes) -> tuple[int, bool] | None:
+    """``(trace id, sampled)`` of a W3C ``traceparent`` header's value; None when it is not valid
+    (the same rules as OpenTelemetry's propagator: version ff, or 00 with more fields, or a zero id)."""
+    match = _TRACEPARENT.fullmatch(value)
+    if match is None:
+        return None
+    version, trace_id, span_id, flags, rest = match.groups()
+    if version == b"ff" or (version == b"00" and rest) or int(span_id, 16) == 0:
+        return None
+    number = int(trace_id, 16)
+    return (number, bool(int(flags, 16) & 1)) if number else None
+
+
+def skip_request(scope: Any) -> bool:
+    """FastAPI's telemetry ``exclude`` hook: True (no SERVER span) for a request not sampled.
+
+    The request's ``traceparent`` decides by its sampled flag; without a valid one, a new trace is
+    sampled with probability ``_ratio``. An unsampled request's trace id goes in its scope
+    (``UNSAMPLED``) for ``UnsampledRequests``. Tracing shut down (a test's app after its lifespan):
+    no span, nothing marked.
+    """
+    if not _enabled:
+        return True
+    parent = None
+    for name, value in scope.get("headers") or ():
+        if name == b"traceparent":
+            parent = parse_traceparent(value)
+            break  # the first one, as the propagator reads it
+    if parent is not None:
+        trace_id, sampled = parent
+        if sampled:
+            return False
+    elif _ratio >= 1.0 or random.random() < _ratio:
+        return False
+    else:
+        trace_id = random.getrandbits(128) or 1
+    scope[UNSAMPLED] = trace_id
+    return True
+
+
+class UnsampledRequests:
+    """Runs a request ``skip_request`` did not sample as if tracing were off, minus one thing: the
+    current span is a non-recording span of the request's trace with the sampled flag clear, so the
+    outbox rows it writes tell their jobs not to record either. The instrumentations are suppressed
+    (they return at once) and ``recording()`` is False (the fast path's direct statements run).
+    The outermost middleware, installed only when tracing is on (``main.create_app``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        trace_id = scope.get(UNSAMPLED)
+        if trace_id is None or _suppress is None:
+            await self.app(scope, receive, send)
+            return
+        span = NonRecordingSpan(SpanContext(trace_id, random.getrandbits(64) or 1, is_remote=False,
+                                            trace_flags=TraceFlags(TraceFlags.DEFAULT)))
+        with _suppress():
+            token = otel_context.attach(trace.set_span_in_context(span))
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                otel_context.detach(token)
+
+
+def is_instrumentation(listener: Any) -> bool:
+    """Whether ``listener`` (an engine event's listener) is an OpenTelemetry instrumentation's."""
+    return str(getattr(listener, "__module__", "")).startswith("opentelemetry.instrumentation.")
+
+
+@contextmanager
+def unsampled_scope() -> Iterator[None]:
+    """Inside an unsampled job (its CONSUMER span does not record): the instrumentations are
+    suppressed, as in an unsampled request."""
+    if _suppress is None:
+        yield
+        return
+    with _suppress():
+        yield
 
 
 @contextmanager
@@ -133,9 +241,10 @@ def configure_tracing(settings: Settings, kind: Kind, *, exporter: SpanExporter 
     Idempotent: while tracing runs a second call changes nothing. ``exporter`` replaces the OTLP
     exporter (tests: an in-memory one, exported synchronously as each span ends).
     """
-    global _enabled
+    global _enabled, _ratio, _suppress
     if _enabled or (not settings.otel_exporter_otlp_endpoint and exporter is None):
         return
+    from opentelemetry.instrumentation.utils import suppress_instrumentation
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
     _install(settings, kind)
@@ -148,6 +257,8 @@ def configure_tracing(settings: Settings, kind: Kind, *, exporter: SpanExporter 
     else:
         processor = SimpleSpanProcessor(exporter)
     _switch.sampler = build_sampler(settings.otel_sampling_ratio)
+    _ratio = settings.otel_sampling_ratio
+    _suppress = suppress_instrumentation
     _hub.delegate = processor
     _enabled = True
 
@@ -166,7 +277,8 @@ def shutdown_tracing() -> None:
 
 
 def build_sampler(ratio: float) -> Sampler:
-    """Parent-based; a root span sampled at ``ratio``, a root CLIENT span never (see the docstring)."""
+    """Parent-based; a root SERVER span always (the edge sampled it: ``skip_request``), a root CLIENT
+    span never, any other root span at ``ratio`` (see the module's docstring)."""
     from opentelemetry.sdk.trace.sampling import (
         Decision,
         ParentBased,
@@ -185,11 +297,14 @@ def build_sampler(ratio: float) -> Sampler:
                           trace_state: Any = None) -> SamplingResult:
             if kind is SpanKind.CLIENT:
                 return SamplingResult(Decision.DROP)
+            if kind is SpanKind.SERVER:
+                return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, trace_state)
             return self._ratio.should_sample(parent_context, trace_id, name, kind, attributes, links,
                                              trace_state)
 
         def get_description(self) -> str:
-            return f"AtriumRoot{{{self._ratio.get_description()}, no root CLIENT span}}"
+            return (f"AtriumRoot{{{self._ratio.get_description()}, root SERVER span sampled at the edge, "
+                    "no root CLIENT span}}")
 
     return ParentBased(root=RootSampler())
 

@@ -23,6 +23,7 @@ from core.email import EmailDeliveryError, EmailMessage, SmtpEmailSender
 from core.observability import access_log, tracing
 from core.observability.logging import configure_logging
 from main import create_app
+from tests.support.api import signup_body
 from tests.support.services import require
 from tests.support.settings import make_settings
 from tests.support.smtp import SmtpServer, free_port
@@ -214,15 +215,23 @@ def test_a_client_span_starts_no_trace_but_follows_a_sampled_parent(
 
 
 @pytest.mark.parametrize(("ratio", "sampled"), [(0.0, 0), (1.0, 200), (0.5, range(60, 141))])
-def test_the_ratio_applies_to_new_traces(ratio: float, sampled: int | range) -> None:
+@pytest.mark.parametrize("kind", [SpanKind.CONSUMER, SpanKind.INTERNAL, SpanKind.PRODUCER])
+def test_the_ratio_applies_to_new_traces(ratio: float, sampled: int | range, kind: SpanKind) -> None:
     from opentelemetry.sdk.trace.sampling import Decision
 
     sampler = tracing.build_sampler(ratio)
     count = sum(
-        sampler.should_sample(None, trace_id, "x", SpanKind.SERVER).decision is Decision.RECORD_AND_SAMPLE
+        sampler.should_sample(None, trace_id, "x", kind).decision is Decision.RECORD_AND_SAMPLE
         for trace_id in (n * (2**64 // 200) + 1 for n in range(200))  # spread over the 64 bits it reads
     )
     assert count in sampled if isinstance(sampled, range) else count == sampled
+
+
+def test_a_root_server_span_is_recorded_whatever_the_ratio_as_the_edge_sampled_it() -> None:
+    from opentelemetry.sdk.trace.sampling import Decision
+
+    sampler = tracing.build_sampler(0.0)
+    assert sampler.should_sample(None, 12345, "GET /x", SpanKind.SERVER).decision is Decision.RECORD_AND_SAMPLE
 
 
 # --- log lines ----------------------------------------------------------------------------------------
@@ -378,3 +387,127 @@ async def test_a_command_on_the_fast_paths_redis_connection_is_a_client_span(
         "atrium.module": "items",
     }
     assert [s.name for s in spans] == ["MGET", "GET /x"]
+
+
+# --- sampling at the edge: an unsampled request runs untraced ------------------------------------
+
+TRACE_ID, PARENT_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+
+@pytest.mark.parametrize(("value", "parsed"), [
+    (f"00-{TRACE_ID}-{PARENT_ID}-01", (int(TRACE_ID, 16), True)),
+    (f"00-{TRACE_ID}-{PARENT_ID}-00", (int(TRACE_ID, 16), False)),
+    (f" 00-{TRACE_ID}-{PARENT_ID}-03 ", (int(TRACE_ID, 16), True)),  # other flags, spaces around
+    (f"01-{TRACE_ID}-{PARENT_ID}-01-future", (int(TRACE_ID, 16), True)),  # a later version may add
+    (f"00-{TRACE_ID}-{PARENT_ID}-01-extra", None),  # version 00 may not
+    (f"ff-{TRACE_ID}-{PARENT_ID}-01", None),
+    (f"00-{'0' * 32}-{PARENT_ID}-01", None),
+    (f"00-{TRACE_ID}-{'0' * 16}-01", None),
+    (f"00-{TRACE_ID.upper()}-{PARENT_ID}-01", None),
+    (f"00-{TRACE_ID}-{PARENT_ID}", None),
+    ("garbage", None),
+])
+def test_a_traceparent_is_read_as_the_w3c_propagator_reads_it(value: str,
+                                                                parsed: tuple[int, bool] | None) -> None:
+    assert tracing.parse_traceparent(value.encode()) == parsed
+
+
+def request_scope(*headers: tuple[bytes, bytes]) -> dict[str, Any]:
+    return {"type": "http", "headers": list(headers)}
+
+
+def test_the_edge_follows_the_callers_decision_and_samples_new_traces_at_the_ratio(
+        record: Callable[..., InMemorySpanExporter]) -> None:
+    record(ratio=0.25)
+    sampled = request_scope((b"traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01".encode()))
+    assert tracing.skip_request(sampled) is False
+    assert tracing.UNSAMPLED not in sampled
+    declined = request_scope((b"traceparent", f"00-{TRACE_ID}-{PARENT_ID}-00".encode()))
+    assert tracing.skip_request(declined) is True
+    assert declined[tracing.UNSAMPLED] == int(TRACE_ID, 16)  # the caller's trace goes on, unrecorded
+
+    new = [request_scope((b"traceparent", b"not-a-traceparent")) for _ in range(2000)]
+    skipped = [scope for scope in new if tracing.skip_request(scope)]
+    assert 1300 < len(skipped) < 1700  # 75 % of 2,000, give or take 7 standard deviations
+    assert all(scope[tracing.UNSAMPLED] != int(TRACE_ID, 16) for scope in skipped)
+    assert len({scope[tracing.UNSAMPLED] for scope in skipped}) == len(skipped)  # a trace id each
+
+
+def test_with_tracing_shut_down_the_edge_marks_nothing(record: Callable[..., InMemorySpanExporter]) -> None:
+    record(ratio=1.0)
+    tracing.shutdown_tracing()
+    scope = request_scope()
+    assert tracing.skip_request(scope) is True  # no SERVER span from a provider that drops all
+    assert tracing.UNSAMPLED not in scope
+
+
+async def test_an_unsampled_request_records_nothing_but_carries_its_trace_to_the_outbox(
+        sqlite_url: str, record: Callable[..., InMemorySpanExporter]) -> None:
+    from sqlalchemy import select
+
+    from core.messaging.outbox import OutboxMessage
+
+    exporter = record(ratio=0.0)
+    app = create_app(app_settings(sqlite_url, otel_sampling_ratio=0.0))
+    async with serve(app) as client:
+        exporter.clear()
+        declined = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"}
+        first = await client.post("/api/v1/users", headers=declined, json=signup_body())
+        second = await client.post("/api/v1/users", json=signup_body())
+        assert (first.status_code, second.status_code) == (201, 201)
+        async with app.state.container.sessions()() as session:
+            rows = (await session.scalars(select(OutboxMessage).order_by(OutboxMessage.created_at))).all()
+
+    assert exporter.get_finished_spans() == ()  # no SERVER span, no SQL span: nothing recorded
+    parents = [row.traceparent for row in rows]
+    assert len(parents) >= 2 and all(parent is not None for parent in parents)
+    assert all(parent.endswith("-00") for parent in parents)  # the jobs are not sampled either
+    assert any(parent.startswith(f"00-{TRACE_ID}-") for parent in parents)  # the caller's trace
+    assert any(not parent.startswith(f"00-{TRACE_ID}-") for parent in parents)  # a trace of its own
+
+
+async def test_the_fast_path_counts_the_tracing_listeners_only_in_a_traced_request(
+        tmp_path: Path, record: Callable[..., InMemorySpanExporter]) -> None:
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, use_span
+    from sqlalchemy import event
+
+    from core.db.engine import create_engine
+    from core.fastpath.transactions import observed
+
+    record()
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'observed.db'}")  # instrumented
+    try:
+        sync_engine = engine.sync_engine
+        assert sync_engine.dispatch.before_cursor_execute  # the instrumentation listens
+        unsampled = NonRecordingSpan(SpanContext(int(TRACE_ID, 16), int(PARENT_ID, 16), False,
+                                                 TraceFlags(TraceFlags.DEFAULT)))
+        assert observed(sync_engine) is False  # no span: its listeners would make none
+        with use_span(unsampled):
+            assert observed(sync_engine) is False
+        with tracing.tracer("test").start_as_current_span("GET /x", kind=SpanKind.SERVER):
+            assert observed(sync_engine) is True
+
+        def log_statement(*args: Any) -> None:
+            return None
+
+        event.listen(sync_engine, "after_cursor_execute", log_statement)
+        assert observed(sync_engine) is True  # anyone else listening: always
+    finally:
+        await engine.dispose()
+
+
+def test_a_job_whose_context_is_not_sampled_runs_with_the_instrumentations_suppressed(
+        record: Callable[..., InMemorySpanExporter]) -> None:
+    from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+
+    from core.messaging.queue import messaging_span
+
+    exporter = record()
+    seen = {}
+    for flags in ("00", "01"):
+        carrier = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-{flags}"}
+        with messaging_span("probe.works process", "CONSUMER", "probe", carrier, {}):
+            seen[flags] = (is_instrumentation_enabled(), tracing.recording())
+
+    assert seen == {"00": (False, False), "01": (True, True)}
+    assert [s.name for s in exporter.get_finished_spans()] == ["probe.works process"]
