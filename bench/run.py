@@ -74,6 +74,10 @@ ROW_NAMES = {"warm": "warm GET", "cold": "cold GET", "post": "POST"}  # the rows
 # --tracing: "off" (no ATRIUM_OTEL_* at all, as deployed today) or a sampling percentage. Spans of a
 # traced variant go to http://127.0.0.1:<sink port>/<variant name>, i.e. POST /<variant>/v1/traces.
 TRACING_OFF = "off"
+# --control <commit>: one more variant, tracing off, served from a checkout of that commit with its
+# own virtualenv (from its own uv.lock), on the same database: "tracing off costs nothing" is judged
+# against the code before tracing in the same rounds, not against an older run on a noisy machine.
+CONTROL = "control"
 TRACES_PATH = "/v1/traces"
 
 
@@ -191,12 +195,13 @@ def redis_delete_namespace(namespace: str) -> int:
 class Proc:
     """A child in its own session (Ctrl-C reaches only us; we stop it), logging to a file."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str], log_dir: Path,
+                 cwd: Path = ROOT) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.popen = subprocess.Popen(
-            list(argv), cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            list(argv), cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
 
@@ -517,6 +522,8 @@ class Variant:
     skip: tuple[str, ...] = ()  # ATRIUM_FAST_PATH_SKIP
     sampling: float | None = None  # ATRIUM_OTEL_SAMPLING_RATIO; None: tracing off (no ATRIUM_OTEL_*)
     otlp_endpoint: str = ""  # ATRIUM_OTEL_EXPORTER_OTLP_ENDPOINT when traced: the bench's sink
+    checkout: Path | None = None  # --control: the servers run this checkout of another commit
+    python: Path | None = None  # --control: with the interpreter of its own virtualenv
 
     @classmethod
     def mode(cls, mode: str) -> Variant:
@@ -534,6 +541,11 @@ class Variant:
             return cls(name, f"{mode}, tracing off", mode)
         return cls(name, f"{mode}, tracing {level} %", mode, sampling=float(level) / 100,
                    otlp_endpoint=f"{sink}/{name}")
+
+    @classmethod
+    def control(cls, mode: str, commit: str, checkout: Path, python: Path) -> Variant:
+        """``mode`` with tracing off, served by ``commit``'s code (--control)."""
+        return cls(CONTROL, f"{mode}, tracing off, at {commit[:8]}", mode, checkout=checkout, python=python)
 
     def env(self) -> dict[str, str]:
         env = {"ATRIUM_FAST_PATH": self.fast_path}
@@ -578,6 +590,7 @@ class Config:
     modes: tuple[str, ...]  # ATRIUM_FAST_PATH of the product servers, side by side
     pieces: tuple[str, ...]  # --pieces: the pieces measured one by one (empty: the main benchmark)
     tracing: tuple[str, ...] = ()  # --tracing: "off" and sampling percentages (empty: not measured)
+    control: str | None = None  # --control: a commit whose code is served beside tracing off
 
 
 def _names(value: str, known: Sequence[str], what: str) -> tuple[str, ...]:
@@ -634,6 +647,11 @@ def parse_args(argv: Sequence[str] | None) -> Config:
                              "(ATRIUM_OTEL_SAMPLING_RATIO), e.g. off,10,100; spans go to an OTLP/HTTP sink "
                              "the benchmark starts (bench/otlp_sink.py). off is required: the cost is "
                              "measured against it")
+    parser.add_argument("--control", metavar="COMMIT",
+                        help="with --tracing: also serve COMMIT's code (a git worktree and a virtualenv "
+                             "from its uv.lock, made and removed by the benchmark), tracing off, on the "
+                             "same database, interleaved with the levels: what tracing off costs against "
+                             "the code before it, in the same rounds")
     parser.add_argument("--rounds", type=int, help="rounds per target (default 3; quick 1)")
     parser.add_argument("--duration", type=float, help="seconds per wrk run (default 10; quick 2)")
     parser.add_argument("--warmup", type=float, help="seconds of wrk warm-up per target (default 3; quick 1)")
@@ -665,6 +683,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     if tracing and TRACING_OFF not in tracing:
         parser.error("--tracing needs off among its levels (e.g. off,10,100): the cost of tracing is "
                      "measured against it")
+    if args.control and not tracing:
+        parser.error("--control is measured against tracing off: give --tracing (e.g. off,10,100)")
     if pieces:
         default_output = "quick-pieces" if quick else "pieces"
     elif tracing:
@@ -686,6 +706,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         modes=args.modes or (("on",) if tracing else ("on", "off")),
         pieces=pieces,
         tracing=tracing,
+        control=args.control,
     )
     if config.rounds < 1 or config.duration <= 0 or config.threads < 1 or config.connections < config.threads:
         parser.error("rounds >= 1, duration > 0, threads >= 1 and connections >= threads are required")
@@ -819,6 +840,7 @@ class Bench:
         self.prime_errors: dict[str, int] = {}  # per target: errors in the unmeasured priming bursts
         self.server_warnings: dict[str, dict[str, int]] = {}
         self.tracing: dict[str, Any] | None = None  # --tracing: the sink's counts per variant
+        self.control: dict[str, str] | None = None  # --control: the commit, its checkout and venv
         self.started = datetime.now(UTC)
 
     # environment
@@ -863,8 +885,8 @@ class Bench:
         )
         return env
 
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str]) -> Proc:
-        proc = Proc(name, argv, env, self.workdir)
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str], cwd: Path = ROOT) -> Proc:
+        proc = Proc(name, argv, env, self.workdir, cwd)
         self.procs.append(proc)
         return proc
 
@@ -907,6 +929,11 @@ class Bench:
         in the pieces (a skip or a mode the app would ignore) fails the run when ``strict``
         (--pieces), else is a warning; one in tracing (an endpoint or ratio the app would not use)
         always fails it."""
+        controls = [v for v in variants if v.checkout is not None]
+        for v in controls:  # another commit's code: the probe below asks this checkout's
+            self.variants[v.name] = {"label": v.label, "env": v.env(), "pieces": None,
+                                     "commit": (self.control or {}).get("commit")}
+        variants = [v for v in variants if v.checkout is None]
         problem = tracing_problem = ""
         try:
             result = subprocess.run(
@@ -953,12 +980,32 @@ class Bench:
             traced = self.variants[v.name].get("tracing")
             spans = f"; spans to {traced['otlp_endpoint']}, sampling {traced['sampling']:g}" if traced else ""
             say(f"{v.label}: pieces [{', '.join(self.variants[v.name]['pieces']) or 'none'}]{spans}")
+        for v in controls:
+            say(f"{v.label}: served from {v.checkout} (its own pieces and settings)")
 
-    def serve_product(self, name: str, env: dict[str, str], workers: int = 1) -> Server:
+    def serve_product(self, name: str, env: dict[str, str], workers: int = 1,
+                      variant: Variant | None = None) -> Server:
         port = free_port()
-        argv = [*atrium_command(self.python), "serve", "--host", "127.0.0.1", "--port", str(port),
+        python = variant.python if variant is not None and variant.python is not None else self.python
+        cwd = variant.checkout if variant is not None and variant.checkout is not None else ROOT
+        argv = [*atrium_command(python), "serve", "--host", "127.0.0.1", "--port", str(port),
                 "--workers", str(workers)]
-        return Server(self.start(name, argv, env), f"http://127.0.0.1:{port}")
+        return Server(self.start(name, argv, env, cwd), f"http://127.0.0.1:{port}")
+
+    def prepare_control(self, rev: str) -> Variant:
+        """--control: a detached git worktree of ``rev`` and a virtualenv synced from its uv.lock by
+        its own scripts/bootstrap (both under the run's temporary directory; removed by cleanup)."""
+        commit = run_checked("git rev-parse", ["git", "-C", str(ROOT), "rev-parse", "--verify",
+                                               f"{rev}^{{commit}}"], dict(os.environ)).strip()
+        checkout, venv = self.workdir / "control", self.workdir / "control-venv"
+        run_checked("git worktree add", ["git", "-C", str(ROOT), "worktree", "add", "--detach",
+                                         str(checkout), commit], dict(os.environ))
+        self.control = {"rev": rev, "commit": commit, "checkout": str(checkout)}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ATRIUM_")}
+        env["ATRIUM_VENV"] = str(venv)
+        say(f"control: {rev} = {commit[:12]} checked out in {checkout}; syncing its virtualenv")
+        run_checked("control bootstrap", [str(checkout / "scripts" / "bootstrap")], env, timeout=900)
+        return Variant.control(self.config.modes[0], commit, checkout, venv / "bin" / "python")
 
     def serve_baseline(self) -> Server:
         # The same uvicorn options as `atrium serve` (main._dispatch): one worker, loop and http
@@ -1148,7 +1195,7 @@ class Bench:
             for kind in kinds:
                 servers[v.name][kind] = self.serve_product(
                     f"product-{kind}-{v.name}", cold_env if kind == "cold" else env,
-                    workers=2 if kind == "warm2" else 1,
+                    workers=2 if kind == "warm2" else 1, variant=v,
                 )
         for v in variants:
             for server in servers[v.name].values():
@@ -1185,6 +1232,8 @@ class Bench:
             variants = [Variant.mode(m) for m in c.modes]
         else:
             variants = [Variant.traced(c.modes[0], level, sink.base) for level in c.tracing]
+            if c.control:
+                variants.append(self.prepare_control(c.control))
         self.check_variants(variants, strict=False)
         kinds = ["warm", "cold", "warm2"] + (["mem"] if c.memory_requests else [])
         servers = self.start_products(variants, kinds)
@@ -1317,7 +1366,7 @@ class Bench:
         say(f"span sink: {cpu if cpu is not None else '?'} s of CPU over the run"
             + (f"; unexpected paths: {counts}" if counts else ""))
         return {"mode": self.config.modes[0], "levels": list(self.config.tracing), "sink": sink.base,
-                "sink_cpu_s": cpu, "other_paths": counts, "variants": per_variant}
+                "sink_cpu_s": cpu, "other_paths": counts, "variants": per_variant, "control": self.control}
 
     def report(self, targets: list[Target], wrk: Wrk, variants: Sequence[Variant]) -> dict[str, Any]:
         c = self.config
@@ -1346,6 +1395,8 @@ class Bench:
                 off = f"{kind}@{Variant.traced(c.modes[0], TRACING_OFF, '').name}"
                 entry["vs_tracing_off"] = {v.name: tracing_cost(by_target[f"{kind}@{v.name}"], by_target[off])
                                            for v in variants if v.sampling is not None}
+                if c.control:  # what tracing off costs against the code before tracing
+                    entry["off_vs_control"] = tracing_cost(by_target[off], by_target[f"{kind}@{CONTROL}"])
             side_by_side.append(entry)
         return {
             "checks": self.checks(rows, variants),
@@ -1497,6 +1548,11 @@ class Bench:
                 proc.stop()
             except Exception as exc:  # keep cleaning up
                 say(f"could not stop {proc.name}: {exc}")
+        if self.control is not None:  # the worktree (its venv goes with the temporary directory)
+            removed = subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                                      self.control["checkout"]], capture_output=True, text=True)
+            if removed.returncode != 0:
+                say(f"could not remove the control's worktree: {removed.stderr.strip()}")
         if self.database_created:
             try:
                 pg_execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
@@ -1751,8 +1807,9 @@ def _tracing_table(result: dict[str, Any]) -> list[str]:
         "costs). Traced servers export over OTLP/HTTP (protobuf, the SDK's batch processor) to "
         "the benchmark's sink (`bench/otlp_sink.py`), which answers 200 and drops the payload; the "
         "export counts cover every request a variant's servers served (warm-ups, priming, rounds, "
-        "memory run). With tracing on, the fast path's `transactions` piece steps aside "
-        "(core/fastpath/README.md): part of the cold GET's and POST's cost.",
+        "memory run). A request is sampled at the edge; an unsampled one runs untraced (no SERVER span, "
+        "the instrumentations suppressed, the fast path's direct statements on), a sampled one pays for "
+        "every span and takes SQLAlchemy's path for its statements (core/fastpath/README.md).",
         "",
         "| " + " | ".join(head) + " |",
         "|---|" + "---:|" * (len(head) - 1),
@@ -1763,6 +1820,8 @@ def _tracing_table(result: dict[str, Any]) -> list[str]:
         cost = {k: (side[k].get("vs_tracing_off") or {}).get(name) for k in kinds}
         traced = got["sampling"] is not None
         level = f"{got['sampling'] * 100:g} %" if traced else TRACING_OFF
+        if name == CONTROL:
+            level = f"off, at {tracing['control']['commit'][:8]} (control)"
         cells = [level]
         cells += [_x(per[k]["ratio"]) + (" ⚠" if per[k]["errors"] else "") for k in kinds]
         cells.append(" / ".join(_us(per[k]["cpu_us_per_request_median"]).removesuffix(" µs") for k in kinds)
@@ -1779,6 +1838,19 @@ def _tracing_table(result: dict[str, Any]) -> list[str]:
     cpu = tracing["sink_cpu_s"]
     other = f"; requests to other paths: {tracing['other_paths']}" if tracing["other_paths"] else ""
     lines += ["", f"The sink's own CPU over the whole run: {'-' if cpu is None else f'{cpu:.2f} s'}{other}."]
+    control = tracing.get("control")
+    if control:
+        against = {k: side[k].get("off_vs_control") for k in kinds}
+        cpu_cells = " / ".join(_x(against[k]["cpu_ratio"]) if against[k] else "-" for k in kinds)
+        rps_cells = " / ".join(_x(against[k]["rps_ratio"]) if against[k] else "-" for k in kinds)
+        rounds = "; ".join(
+            f"{ROW_NAMES[k]} " + ", ".join(f"{x:.2f}" for x in against[k]["rounds_cpu_ratio"])
+            for k in kinds if against[k])
+        lines += ["", f"**Tracing off against the code before tracing** (control: commit "
+                  f"{control['commit'][:12]}, `--control {control['rev']}`, served from its own checkout and "
+                  "virtualenv on the same database, in the same rounds): CPU/req of tracing off over the "
+                  f"control's, {names}: {cpu_cells} (each round: {rounds}); req/s: {rps_cells}. Medians "
+                  "over rounds of each round's pair; 1.00x is no cost."]
     return lines
 
 
