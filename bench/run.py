@@ -252,7 +252,7 @@ def http(
         return exc.code, dict(exc.headers), exc.read()
 
 
-def wait_ready(proc: Proc, url: str, timeout: float = 120.0) -> None:
+def wait_ready(proc: Proc, url: str, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
