@@ -1186,7 +1186,9 @@ class Bench:
         self, variants: Sequence[Variant], kinds: Sequence[str]
     ) -> dict[str, dict[str, Server]]:
         """Per variant, the product servers of ``kinds`` (warm: cache on; cold: cache off; warm2: two
-        workers; mem: a fresh one-worker server for the memory run), all started at once."""
+        workers; mem: a fresh one-worker server for the memory run), one variant's at a time: with
+        a dozen servers importing the app at once on two cores, a 2-worker server's children could
+        not answer uvicorn's health check in time and were killed and respawned, again and again."""
         servers: dict[str, dict[str, Server]] = {}
         for v in variants:
             env = self.product_env(**v.env())
@@ -1197,7 +1199,6 @@ class Bench:
                     f"product-{kind}-{v.name}", cold_env if kind == "cold" else env,
                     workers=2 if kind == "warm2" else 1, variant=v,
                 )
-        for v in variants:
             for server in servers[v.name].values():
                 wait_ready(server.proc, server.base + "/health/ready")
         say("product servers up: " + "; ".join(
