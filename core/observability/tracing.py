@@ -207,6 +207,9 @@ def scoped_app(app: ASGIApp, module: str) -> ASGIApp:
     is on (``main.create_app``): off, routes keep their own app."""
 
     async def scoped(scope: Scope, receive: Receive, send: Send) -> None:
+        if UNSAMPLED in scope:  # nothing of this request is recorded: no span to stamp
+            await app(scope, receive, send)
+            return
         span = trace.get_current_span()
         if span.is_recording():
             span.set_attribute(MODULE_ATTRIBUTE, module)
