@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TextIO
@@ -39,8 +40,10 @@ from core.edge.middleware import RequestContextMiddleware
 from core.edge.openapi import install_openapi, operation_id
 from core.edge.routes import add_routes, check_provided
 from core.messaging.outbox import OutboxMessage
-from core.messaging.periodic import PeriodicRunner
+from core.messaging.periodic import CORE, PeriodicRunner
+from core.messaging.publications import EventPublication
 from core.messaging.queue import ping_broker
+from core.messaging.resubmit import CORE_PERIODIC
 from core.module import Module, ModuleError, load_modules, select_modules
 from core.observability.access_log import access_log
 from core.observability.logging import configure_logging, flush_logs
@@ -238,9 +241,10 @@ def run_worker(settings: Settings, threads: int | None = None) -> None:
     container = build_container(settings, modules)  # every enabled module: providers, outbox routes
     running = select_modules(modules, settings.worker_modules, "ATRIUM_WORKER_MODULES")
     # Both servers answer, and the schema is there, before any thread starts: else the relay and
-    # the consumers log a failure per retry, forever.
+    # the consumers log a failure per retry, forever. Core's newest table: a database migrated before
+    # it (an older release's) is caught here too, not by every job failing on it.
     asyncio.run(check_database(settings.database_url, settings.database_connect_timeout,
-                               table=OutboxMessage.__tablename__))
+                               table=EventPublication.__tablename__))
     if settings.broker_backend != "stub":
         check_broker(settings.broker_backend, settings.broker_url, settings.health_timeout)
     # After the checks (their connections are no job's), before the engine is made (its statements
@@ -251,8 +255,10 @@ def run_worker(settings: Settings, threads: int | None = None) -> None:
     bridge.run(_init_resources(container))
     jobs, relay, broker = container.jobs(), container.relay(), container.broker()
     housekeeping: list[asyncio.Task[None]] = []
-    periodic = PeriodicRunner(container.sessions(), {m.name: getattr(container, m.name) for m in running},
-                              [p for m in running for p in m.periodic], settings)
+    # Core's own periodic jobs (the publication registry's resubmitter) run with the root container.
+    periodic = PeriodicRunner(container.sessions(),
+                              {CORE: container, **{m.name: getattr(container, m.name) for m in running}},
+                              [*CORE_PERIODIC, *(p for m in running for p in m.periodic)], settings)
 
     async def start_background() -> None:
         relay.start()
@@ -352,6 +358,83 @@ async def change_user(settings: Settings, command: str, email: str, *, revoke: b
         await _shutdown_resources(container)
 
 
+async def outbox_status(settings: Settings, older_than: float, as_json: bool) -> str:
+    """``atrium outbox status``: the publication registry (docs/redelivery.md), as text or JSON."""
+    import json
+
+    from core.messaging.resubmit import status
+
+    await check_database(settings.database_url, settings.database_connect_timeout,
+                         table=OutboxMessage.__tablename__)
+    container = build_container(settings)
+    await _init_resources(container)
+    try:
+        report = await status(container.sessions(), older_than=older_than)
+    finally:
+        await _shutdown_resources(container)
+    if as_json:
+        return json.dumps(report.as_json(), indent=2)
+    return "\n".join(_status_lines(report, older_than))
+
+
+def _status_lines(report: Any, older_than: float) -> list[str]:
+    counts = " ".join(f"{state}={n}" for state, n in report.by_status.items())
+    oldest = report.oldest_incomplete_seconds
+    lines = [f"publications: {counts}",
+             "oldest incomplete: " + ("none" if oldest is None else f"{oldest:.0f} s")]
+    for task, by in sorted(report.by_task.items()):
+        lines.append(f"  {task:<32} " + " ".join(f"{state}={n}" for state, n in sorted(by.items())))
+    lines.append(f"incomplete, first sent more than {older_than:g} s ago: {report.incomplete_total}")
+    for row in report.incomplete:
+        error = f"  {row.last_error}" if row.last_error else ""
+        lines.append(f"  {row.message_id}  {row.task:<32} {row.status:<11} {row.age_seconds:>8.0f} s  "
+                     f"resubmissions={row.resubmissions}{error}")
+    if report.incomplete_total > len(report.incomplete):
+        hidden = report.incomplete_total - len(report.incomplete)
+        lines.append(f"  ... and {hidden} more (the oldest are listed)")
+    return lines
+
+
+async def outbox_resubmit(settings: Settings, args: argparse.Namespace) -> list[str]:
+    """``atrium outbox resubmit``: send again what never completed; one line per publication."""
+    from dramatiq.errors import DramatiqError
+    from redis.exceptions import RedisError
+
+    from core.messaging.resubmit import Resubmitter
+
+    await check_database(settings.database_url, settings.database_connect_timeout,
+                         table=OutboxMessage.__tablename__)
+    if not args.dry_run:
+        if settings.broker_backend == "stub":
+            raise UsageError("outbox resubmit: ATRIUM_BROKER_BACKEND=stub keeps its messages inside the API "
+                             "process; resubmit with the Redis or RabbitMQ broker (or use --dry-run)")
+        check_broker(settings.broker_backend, settings.broker_url, settings.health_timeout)
+    older_than = settings.outbox_resubmit_after_seconds if args.older_than is None else args.older_than
+    container = build_container(settings)
+    await _init_resources(container)
+    try:
+        resubmitter = Resubmitter(container.sessions(), container.relay())
+        try:  # a broker that stops answering midway: what was sent before stays marked
+            done = await resubmitter.resubmit(older_than=older_than, include_failed=args.failed,
+                                              message_id=args.message_id, dry_run=args.dry_run)
+        except (DramatiqError, RedisError, OSError) as exc:
+            raise NotReady(f"ATRIUM_BROKER_URL: the broker stopped answering ({type(exc).__name__}: "
+                           f"{exc}); run it again") from None
+    finally:
+        await _shutdown_resources(container)
+    verb = "would resubmit" if args.dry_run else "resubmitted"
+    lines = []
+    for r in done:
+        if r.error is not None:
+            lines.append(f"not resubmitted {r.message_id} {r.task} ({r.error}): marked failed")
+        else:
+            lines.append(f"{verb} {r.message_id} {r.task} (was {r.status}, last sent "
+                         f"{r.age_seconds:.0f} s ago, resubmission {r.resubmissions})")
+    sent = sum(1 for r in done if r.error is None)
+    lines.append(f"{verb} {sent} publication(s)" if done else "nothing to resubmit")
+    return lines
+
+
 class UsageError(Exception):
     """A command line that cannot be carried out as given: one line, exit 2."""
 
@@ -412,6 +495,25 @@ def _port(text: str) -> int:
     if not text.strip().isdigit() or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def _message_id(text: str) -> uuid.UUID:
+    """argparse type: an outbox message id (a UUID, as `atrium outbox status` prints it)."""
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an outbox message id (a UUID)") from None
 
 
 def _version() -> str:
@@ -484,6 +586,29 @@ def _parser() -> argparse.ArgumentParser:
     role.add_argument("email", help="the account's email")
     role.add_argument("--revoke", action="store_true",
                       help="take the administrator role away instead (default: off, grant it)")
+    outbox = sub.add_parser("outbox", help="the event-publication registry: which messages the outbox sent "
+                                           "and whether their job completed (docs/redelivery.md)")
+    actions = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION",
+                                    help="status or resubmit")
+    status = actions.add_parser("status", help="counts per status and task, the oldest incomplete "
+                                                "publication's age, and the incomplete ones")
+    status.add_argument("--older-than", type=_seconds, default=0.0, metavar="SECONDS",
+                        help="list the incomplete publications first sent more than SECONDS ago "
+                             "(default: %(default)g, all of them)")
+    status.add_argument("--json", action="store_true",
+                        help="one JSON object for machines (default: off, text)")
+    resubmit = actions.add_parser("resubmit", help="send again the messages whose job has not completed "
+                                                   "(the job's inbox makes a duplicate harmless)")
+    resubmit.add_argument("--older-than", type=_seconds, metavar="SECONDS",
+                          help="only publications last sent more than SECONDS ago (default: "
+                               f"{_setting('outbox_resubmit_after_seconds')})")
+    resubmit.add_argument("--failed", action="store_true",
+                          help="also those whose job gave up after its last retry (default: off)")
+    resubmit.add_argument("--id", type=_message_id, dest="message_id", metavar="MESSAGE_ID",
+                          help="only this outbox message's publications, whatever their age, failed ones "
+                               "included (default: every message)")
+    resubmit.add_argument("--dry-run", action="store_true",
+                          help="print what would be resubmitted and send nothing (default: off)")
     listing = sub.add_parser("modules", help="list enabled modules, their routes, actors and tables")
     checks = listing.add_subparsers(dest="modules_command", metavar="CHECK",
                                     help="a check to run instead (default: none, list the modules)")
@@ -673,6 +798,13 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         configure_logging(settings.log_level, settings.log_json, enqueue=False)
         revoke = getattr(args, "revoke", False)
         print(asyncio.run(change_user(settings, args.command, args.email, revoke=revoke)))
+        return 0
+    if args.command == "outbox":
+        configure_logging(settings.log_level, settings.log_json, enqueue=False)
+        if args.outbox_command == "status":
+            print(asyncio.run(outbox_status(settings, args.older_than, args.json)))
+        else:
+            print("\n".join(asyncio.run(outbox_resubmit(settings, args))))
         return 0
     if args.command == "modules":
         if args.modules_command == "verify":

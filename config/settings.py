@@ -274,6 +274,13 @@ class Settings(BaseSettings):
     relay_outbox_in_api: bool = True  # the API wakes the relay right after each commit
     outbox_poll_interval: float = Field(1.0, gt=0)
     outbox_batch_size: int = Field(100, ge=1)
+    # The publication registry (docs/redelivery.md): each worker sends again a message whose job has
+    # not completed this long after it was sent, at most this many times (0: never; failed ones are
+    # left to `atrium outbox resubmit`), looking every interval; completed rows are kept this long.
+    outbox_resubmit_after_seconds: float = Field(600.0, gt=0)
+    outbox_resubmit_limit: int = Field(3, ge=0)
+    outbox_resubmit_interval_seconds: float = Field(60.0, gt=0)
+    outbox_publication_retention_days: float = Field(7.0, gt=0)
 
     # Email
     email_backend: Literal["console", "memory", "smtp"] = "console"

@@ -16,7 +16,8 @@ config = context.config
 settings = config.attributes.get("settings") or load_settings()
 
 import core.edge.idempotency  # noqa: E402  - the idempotency keys
-import core.messaging.outbox  # noqa: E402,F401  - the outbox and inbox tables
+import core.messaging.outbox  # noqa: E402  - the outbox and inbox tables
+import core.messaging.publications  # noqa: E402,F401  - the event-publication registry
 
 load_modules(settings.modules)  # importing each module registers its tables on Base.metadata
 target_metadata = Base.metadata

@@ -582,8 +582,8 @@ def test_a_worker_on_a_database_never_migrated_says_to_migrate(tmp_path: Path) -
     result = run_cli("worker", database_url=sqlite_file_url(tmp_path / "empty.db"),
                      ATRIUM_WORKER_METRICS_PORT="0")
 
-    assert one_line(result) == ("atrium: ATRIUM_DATABASE_URL: the database has no table 'outbox_messages'; "
-                                "run `atrium migrate` first")
+    assert one_line(result) == ("atrium: ATRIUM_DATABASE_URL: the database has no table "
+                                "'event_publications'; run `atrium migrate` first")
 
 
 def test_create_admin_on_a_database_never_migrated_says_to_migrate(tmp_path: Path) -> None:

@@ -123,7 +123,7 @@ class TestLegacyHistory:
 
         await migrate(db, ALL)
 
-        assert stamped(db) == {"core_0004", "users_0002", "items_0001", "billing_0002"}
+        assert stamped(db) == {"core_0005", "users_0002", "items_0001", "billing_0002"}
         with sqlite3.connect(db) as connection:
             columns = {row[1] for row in connection.execute("PRAGMA table_info(idempotency_keys)")}
         assert "owner" in columns

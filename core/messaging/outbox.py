@@ -32,6 +32,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from core.db.base import Base, new_id, utcnow
 from core.db.session import insert_or_ignore, on_commit
 from core.messaging.events import IntegrationEvent
+from core.messaging.publications import record_published
 from core.messaging.queue import (
     EVENT_OPTION,
     TRACE_OPTION,
@@ -216,6 +217,7 @@ class OutboxRelay:
                 await session.rollback()
                 return 0
             sent: list[str] = []  # the names of the events among the rows sent (for the per-module count)
+            registry: list[tuple[uuid.UUID, str]] = []  # (row, task) of each message of the rows marked
             published = 0
             for row in rows:
                 try:
@@ -232,13 +234,17 @@ class OutboxRelay:
                 except Exception as exc:  # broker trouble: stop here, keep the row, retry later
                     row.attempts += 1
                     row.last_error = f"{type(exc).__name__}: {exc}"[:2000]
+                    await record_published(session, registry)
                     await session.commit()
                     self._count_published(published, sent)
                     raise
                 row.published_at = utcnow()
+                registry.extend((row.id, message.actor_name) for message in messages)
                 published += 1
                 if row.kind == EVENT:
                     sent.append(row.name)
+            # One statement at the end: on SQLite the write lock is then held only for the commit.
+            await record_published(session, registry)
             await session.commit()
             self._count_published(published, sent)
             return len(rows)
@@ -299,20 +305,25 @@ class OutboxRelay:
         if asyncio.iscoroutine(result):
             await result
 
+    async def resend(self, row: OutboxMessage, task: str) -> None:
+        """Send ``row``'s message to ``task`` again, as the relay first sent it (same message id,
+        payload and request id; the trace context as stored): the registry's resubmission."""
+        await self._send_now(self.message(row, task))
+
     def _messages(self, row: OutboxMessage) -> list[Message[Any]]:
         targets = [row.name] if row.kind == JOB else list(self._routes.get(row.name, ()))
+        return [self.message(row, target) for target in targets]
+
+    def message(self, row: OutboxMessage, target: str) -> Message[Any]:
+        """``row``'s message to the task ``target``; ``KeyError`` when no enabled module runs it."""
         options: dict[str, Any] = {EVENT_OPTION: row.name} if row.kind == EVENT else {}
         carrier = row.trace_context()
         if carrier:  # passed on as stored; with tracing on, _deliver puts its PRODUCER span's instead
             options[TRACE_OPTION] = carrier
-        return [
-            Message(
-                queue_name=self._queue_of(target),
-                actor_name=target,
-                args=(),
-                kwargs={"message_id": str(row.id), "request_id": row.request_id, "payload": row.payload},
-                options=dict(options),
-            )
-            for target in targets
-        ]
-
+        return Message(
+            queue_name=self._queue_of(target),
+            actor_name=target,
+            args=(),
+            kwargs={"message_id": str(row.id), "request_id": row.request_id, "payload": row.payload},
+            options=options,
+        )

@@ -7,6 +7,10 @@ runs each of its modules' periodic jobs in a loop on its jobs loop: one run at a
 interval after start-up. Several workers run the same job side by side, so a job must divide its
 work safely: lock what it takes (``FOR UPDATE SKIP LOCKED``) and re-check it under the lock.
 
+Core has periodic jobs of its own, named ``core.<verb>`` (``core.messaging.resubmit.CORE_PERIODIC``):
+``atrium worker`` runs them beside the modules' with the root container as ``ctx.container``
+(``containers`` maps ``CORE`` to it).
+
 Unlike a dramatiq task there is no message, no retry and no inbox: a run that raises is logged and
 the next run starts over. The job commits its own units of work (``ctx.unit_of_work()``), one per
 piece of work, so a run cut short keeps what it finished.
@@ -41,6 +45,7 @@ class PeriodicContext:
 
 
 PeriodicFn = Callable[[PeriodicContext], Awaitable[None]]
+CORE = "core"  # the prefix of core's own periodic jobs, and their container's key in the runner
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.db.session import UnitOfWork
+from core.messaging import publications
 from core.observability.context import request_id_var
 from core.observability.tracing import enabled as tracing_enabled
 from core.observability.tracing import module_scope, unsampled_scope
@@ -391,6 +392,8 @@ class JobRunner:
                 last = self._is_last_attempt(t)
                 if self._metrics is not None:
                     self._metrics.failed_attempt(t.name, time.perf_counter() - started, will_retry=not last)
+                if last:
+                    self.bridge.run(self.record_failure(t.name, message_id, exc))
                 if t.on_exhausted is not None and last:
                     self.bridge.run(self.give_up(t.name, message_id, request_id, payload, exc, delivery))
                 raise
@@ -459,13 +462,26 @@ class JobRunner:
             value = t.payload.validate_python(payload)
             async with UnitOfWork(self._sessions) as session:
                 if not await self._inbox.claim(session, message_id, t.name):
+                    # A duplicate (a redelivery, a resubmission): the registry says done all the same.
+                    await publications.mark_completed(session, message_id, t.name)
                     logger.info("job {} skipped: message {} already processed", t.name, message_id)
                     return False
                 await t.fn(JobContext(self._containers[t.module], session, message_id, request_id), value)
+                # Last, so the registry's row is locked (PostgreSQL) only for the commit.
+                await publications.mark_completed(session, message_id, t.name)
             logger.info("job {} done (message {})", t.name, message_id)
             return True
         finally:
             request_id_var.reset(token)
+
+    async def record_failure(self, task_name: str, message_id: str, error: BaseException) -> None:
+        """Mark the message's publication ``failed`` (its last retry failed), in a transaction of its own
+        (the job's rolled back); a failure to record it is logged, never raised over the job's error."""
+        try:
+            await publications.record_failure(self._sessions, message_id, task_name, error)
+        except Exception as exc:
+            logger.warning("job {}: the publication of message {} was not marked failed: {}",
+                           task_name, message_id, exc)
 
     async def give_up(self, task_name: str, message_id: str, request_id: str, payload: Any,
                       error: BaseException, delivery: Delivery | None = None) -> bool:

@@ -406,8 +406,17 @@ class OutboxMetrics:
                                         "broker, by the module that emitted them.", ["module", "event"],
                                         registry=registry)
 
+        # The publication registry's resubmitter (core.messaging.resubmit): messages sent again because
+        # their job had not completed in time; worker only, plus `atrium outbox resubmit` (not exported).
+        self.resubmitted = Counter("atrium_events_resubmitted", "Outbox messages sent to the broker again "
+                                   "because their job had not completed (the publication registry).",
+                                   ["task"], registry=registry)
+
     def event_published(self, module: str, event: str) -> None:
         self.events_published.labels(module, event).inc()
+
+    def event_resubmitted(self, task: str) -> None:
+        self.resubmitted.labels(task).inc()
 
 
 # --- wiring ---------------------------------------------------------------------------------------
