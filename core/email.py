@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import smtplib
 import ssl
 from collections.abc import Callable
@@ -27,9 +28,20 @@ _tracer = trace.get_tracer(__name__)
 
 @dataclass(frozen=True, slots=True)
 class EmailMessage:
+    """One mail. ``key``: what makes it this mail and no other (``"users.welcome.<user id>"``): the
+    same key gives the same Message-ID.
+
+    A job that sends mail is at-least-once: a worker killed after the SMTP server accepted the mail
+    but before the job's transaction committed gets the message again (docs/redelivery.md), and
+    sends it again. Under a key the copy carries the first one's Message-ID, which says "the same
+    message" to every mail system on the way (RFC 5322 3.6.4): mailbox providers and clients drop
+    the copy, and a person can tell it for one. Without a key each send gets a new Message-ID.
+    """
+
     to: str
     subject: str
     body: str
+    key: str | None = None
 
 
 def sender_domain(sender: str) -> str:
@@ -42,17 +54,25 @@ def sender_domain(sender: str) -> str:
 
 
 def mime_message(sender: str, message: EmailMessage, domain: str | None = None) -> MimeMessage:
-    """The MIME mail for ``message``: From, To, Subject, a Date and a unique Message-ID (whose domain
-    is ``domain``, else the sender's). Without the last two, relays add their own or spam filters
-    mark the mail down."""
+    """The MIME mail for ``message``: From, To, Subject, a Date and a Message-ID (whose domain is
+    ``domain``, else the sender's): unique, or derived from ``message.key`` (the same for every send
+    of that mail). Without the last two, relays add their own or spam filters mark the mail down."""
     mime = MimeMessage()
     mime["From"] = sender
     mime["To"] = message.to
     mime["Subject"] = message.subject
     mime["Date"] = formatdate(usegmt=True)  # in UTC; formatdate() alone writes "-0000", "zone unknown"
-    mime["Message-ID"] = make_msgid(domain=domain or sender_domain(sender))
+    mime["Message-ID"] = message_id(message.key, domain or sender_domain(sender))
     mime.set_content(message.body)
     return mime
+
+
+def message_id(key: str | None, domain: str) -> str:
+    """``<unique@domain>``; with ``key``, ``<hash of key@domain>``: the key itself is not shown
+    (it may name a user or a payment) and any key makes a valid msg-id."""
+    if key is None:
+        return make_msgid(domain=domain)
+    return f"<{hashlib.sha256(key.encode()).hexdigest()[:40]}@{domain}>"
 
 
 class EmailSender(Protocol):

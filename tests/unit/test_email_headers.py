@@ -1,4 +1,5 @@
-"""Every mail the SMTP sender builds carries a Date and a unique Message-ID (core/email.py)."""
+"""Every mail the SMTP sender builds carries a Date and a Message-ID (core/email.py): unique, or the
+same for every send of a mail with the same key."""
 
 from __future__ import annotations
 
@@ -26,6 +27,20 @@ class TestMimeMessage:
         ids = {mime_message("no-reply@atrium.example", MAIL)["Message-ID"] for _ in range(100)}
 
         assert len(ids) == 100
+
+    def test_a_mail_sent_again_under_its_key_has_the_same_message_id(self) -> None:
+        keyed = EmailMessage(to="ada@example.com", subject="Welcome", body="Hi", key="users.welcome.42")
+        first = mime_message("no-reply@atrium.example", keyed)["Message-ID"]
+        again = mime_message("no-reply@atrium.example", keyed)["Message-ID"]
+        other = mime_message("no-reply@atrium.example",
+                             EmailMessage(to="ada@example.com", subject="Welcome", body="Hi",
+                                          key="users.welcome.43"))["Message-ID"]
+
+        assert first == again
+        assert other != first
+        assert first.endswith("@atrium.example>")
+        assert "users.welcome" not in first  # the key (it may name a user) is not shown
+        assert len(first) == len("<") + 40 + len("@atrium.example>")
 
     def test_a_given_domain_wins_over_the_senders(self) -> None:
         mime = mime_message("no-reply@atrium.example", MAIL, domain="relay.example")

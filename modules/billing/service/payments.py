@@ -221,7 +221,9 @@ class PaymentService:
         lines = (await session.execute(self._invoices.lines([invoice.id]))).scalars().all()
         subject, body = receipt_email(user.full_name, invoice.id, to_invoice(invoice, lines).lines,
                                       event.amount, event.currency, invoice.paid_at or event.occurred_at)
-        await self._email.send(EmailMessage(to=user.email, subject=subject, body=body))
+        # Keyed by the payment: a receipt sent again after a crash is the same message (core.email).
+        await self._email.send(EmailMessage(to=user.email, subject=subject, body=body,
+                                            key=f"billing.receipt.{event.payment_id}"))
 
     async def _lock(
         self, session: AsyncSession, payment_id: uuid.UUID
