@@ -15,7 +15,6 @@ from typing import Any
 import dramatiq
 import pytest
 from dramatiq.broker import MessageProxy
-from dramatiq.brokers.rabbitmq import _RabbitmqMessage
 from prometheus_client import CollectorRegistry
 
 from core.messaging.queue import Redeliveries, redis_broker, stub_broker
@@ -47,9 +46,18 @@ def message(actor: str, queue: str = "users", **options: Any) -> dramatiq.Messag
     return dramatiq.Message(queue_name=queue, actor_name=actor, args=(), kwargs={}, options=options)
 
 
+class FlaggedDelivery(MessageProxy):
+    """A delivery as dramatiq's RabbitMQ consumer hands it to a worker: a ``MessageProxy`` carrying
+    the broker's ``redelivered`` flag (built here: dramatiq's own class for it is private)."""
+
+    def __init__(self, message: dramatiq.Message[Any], redelivered: bool) -> None:
+        super().__init__(message)
+        self.redelivered = redelivered
+
+
 def rabbitmq_delivery(redelivered: bool, sent: dramatiq.Message[Any]) -> MessageProxy:
     """``sent`` as dramatiq's RabbitMQ consumer hands it to a worker, with the broker's flag."""
-    return _RabbitmqMessage(redelivered, 1, sent)  # type: ignore[no-untyped-call]
+    return FlaggedDelivery(sent, redelivered)
 
 
 def run(counted: Counted, broker: dramatiq.Broker, delivered: Any, *, skipped: bool = False) -> None:
