@@ -1095,7 +1095,10 @@ class Bench:
         product rows compared with it, every variant of each) run one after the other, the targets
         of a group back to back, so the variants of a row are measured within seconds of each other
         and a slow minute hits them alike; the order of the groups, and within each group, is
-        rotated every round so no target always goes first."""
+        rotated every round so no target always goes first, and reversed every other round so no
+        target always follows the same one (a traced server's exporter is still sending its last
+        spans as the next target starts, which leaves that target less CPU: it batches more, and
+        looks cheaper per request)."""
         c = self.config
         for target in (t for group in groups for t in group):
             say(f"warming {target.name} ({c.warmup:g} s)")
@@ -1109,7 +1112,7 @@ class Bench:
         prime = 1.0  # wrk takes whole seconds
         for r in range(c.rounds):
             for group in _rotated(groups, r):
-                for target in _rotated(group, r):
+                for target in (_rotated(group, r) if r % 2 == 0 else _rotated(group, r)[::-1]):
                     # The idle servers' connections closed, the target's pool refilled, unmeasured.
                     self.release_connections()
                     primed = wrk.run(target, prime)
@@ -1233,8 +1236,9 @@ class Bench:
             variants = [Variant.mode(m) for m in c.modes]
         else:
             variants = [Variant.traced(c.modes[0], level, sink.base) for level in c.tracing]
-            if c.control:
-                variants.append(self.prepare_control(c.control))
+            if c.control:  # beside tracing off: the two compared are measured back to back
+                at = next(i for i, v in enumerate(variants) if v.sampling is None) + 1
+                variants.insert(at, self.prepare_control(c.control))
         self.check_variants(variants, strict=False)
         kinds = ["warm", "cold", "warm2"] + (["mem"] if c.memory_requests else [])
         servers = self.start_products(variants, kinds)
@@ -1688,7 +1692,8 @@ def _footer(result: dict[str, Any]) -> list[str]:
     if variants:
         lines += ["", "Fast path pieces per server variant (asked of the product's settings): " + "; ".join(
             f"{v['label']} ({' '.join(f'{k}={x}' for k, x in v['env'].items())}): "
-            f"{', '.join(v['pieces']) or 'none'}" for v in variants.values()) + "."]
+            + (f"{', '.join(v['pieces']) or 'none'}" if v["pieces"] is not None
+             else f"those of commit {str(v.get('commit'))[:12]}") for v in variants.values()) + "."]
     lines += [
         "",
         f"Machine: {m['nproc']} CPU(s), {m['cpu']}; {m['python']}; {m['os']}; load average at end "
@@ -1963,9 +1968,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
-    text = markdown(result)
     config.output.parent.mkdir(parents=True, exist_ok=True)
-    config.output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    config.output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")  # first: kept
+    text = markdown(result)
     config.output.with_suffix(".md").write_text(text)
     print()
     print(text)
