@@ -10,9 +10,11 @@ from modules.users.public import UserRegistered
 
 @task("users.send_welcome_email")
 async def send_welcome_email(ctx: JobContext, event: UserRegistered) -> None:
-    """Mail a new user: once per registration when the message is delivered twice (the inbox). A
-    worker killed between the mail's acceptance and the job's commit sends it again, with the same
-    Message-ID (its key), which receivers drop as a copy."""
+    """Mail a new user, once per registration even if the message is delivered twice.
+
+    The inbox skips a second delivery. A worker killed between the mail's acceptance and the job's
+    commit sends it again, with the same Message-ID (its key), which receivers drop as a copy.
+    """
     subject, body = welcome_email(event.full_name)
     await ctx.container.email_sender().send(
         EmailMessage(to=event.email, subject=subject, body=body, key=f"users.welcome.{event.user_id}"))

@@ -15,17 +15,16 @@ import asyncio
 import os
 import signal
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from config import Settings
 from tests.support.api import bearer, make_admin, sign_up
 from tests.support.billing import invoice_status, new_invoice, new_item, pay, payment_of, receipts
+from tests.support.crash import delete_rabbitmq_queues, redelivered
 from tests.support.production import Private, private_production
 from tests.support.services import RABBITMQ_URL, REDIS_URL, require
 from tests.support.smtp import free_port
@@ -68,33 +67,6 @@ async def _ready_messages(env: Private, queue: str) -> int:
     return await asyncio.to_thread(passive)
 
 
-def _delete_rabbitmq_queues(namespace: str) -> None:
-    """The durable queues this test's namespace declared (its name is unique: nothing else uses them)."""
-    import pika
-    import pika.exceptions
-
-    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-    try:
-        for module in ("users", "items", "billing"):
-            for suffix in ("", ".DQ", ".XQ"):
-                channel = connection.channel()
-                try:
-                    channel.queue_delete(f"{namespace}.{module}{suffix}")
-                    channel.close()
-                except pika.exceptions.AMQPError:
-                    pass
-    finally:
-        connection.close()
-
-
-def _redelivered(port: int) -> dict[str, float]:
-    """``atrium_jobs_redelivered_total`` per task, from a worker's metrics endpoint."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {s.labels["task"]: s.value for family in text_string_to_metric_families(text)
-            for s in family.samples if s.name == "atrium_jobs_redelivered_total"}
-
-
 def _no_reconciler() -> dict[str, Any]:
     """Settings that keep billing's payment reconciler (which also finishes pending payments) out of
     the test's time: only redelivery may finish them here."""
@@ -114,7 +86,7 @@ async def _kill_and_restart(
             await _scenario(env, settings)
         finally:
             if settings.broker_backend == "rabbitmq":
-                await asyncio.to_thread(_delete_rabbitmq_queues, env.namespace)
+                await asyncio.to_thread(delete_rabbitmq_queues, env.namespace)
 
 
 async def _scenario(env: Private, settings: Settings) -> None:
@@ -161,7 +133,7 @@ async def _scenario(env: Private, settings: Settings) -> None:
         await holds_for(lambda: all(receipts(stack, e) == 1 for e in emails), 1.0)
 
         # The second worker saw again what the first had started (both brokers) or taken (RabbitMQ).
-        seen = (await asyncio.to_thread(_redelivered, settings.worker_metrics_port)).get(CHARGE_TASK, 0)
+        seen = (await asyncio.to_thread(redelivered, settings.worker_metrics_port)).get(CHARGE_TASK, 0)
         expected = IN_FLIGHT if settings.broker_backend == "redis" else TAKEN
         assert seen == expected, (seen, env.log_of(second)[-3000:])
         await env.stop_worker(second)

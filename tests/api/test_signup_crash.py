@@ -21,7 +21,6 @@ import asyncio
 import os
 import signal
 import time
-import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,10 +30,10 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from config import Settings
 from tests.support.api_process import serve_process
+from tests.support.crash import delete_rabbitmq_queues, redelivered
 from tests.support.production import Private, private_production
 from tests.support.services import RABBITMQ_URL, require
 from tests.support.settings import GENEROUS_RATE_LIMITS
@@ -85,31 +84,9 @@ class Run:
     redelivered: float = 0.0  # atrium_jobs_redelivered_total of the welcome task, over every worker
 
 
-def _redelivered(port: int) -> float:
-    """``atrium_jobs_redelivered_total`` of the welcome task, from a worker's metrics endpoint."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == "atrium_jobs_redelivered_total" and s.labels.get("task") == WELCOME_TASK)
-
-
-def _delete_rabbitmq_queues(namespace: str) -> None:
-    """The durable queues this test's namespace declared (its name is unique: nothing else uses them)."""
-    import pika
-    import pika.exceptions
-
-    connection = pika.BlockingConnection(pika.URLParameters(RABBITMQ_URL))
-    try:
-        for module in ("users", "items", "billing"):
-            for suffix in ("", ".DQ", ".XQ"):
-                channel = connection.channel()
-                try:
-                    channel.queue_delete(f"{namespace}.{module}{suffix}")
-                    channel.close()
-                except pika.exceptions.AMQPError:
-                    pass
-    finally:
-        connection.close()
+async def welcome_redeliveries(settings: Settings) -> float:
+    """``atrium_jobs_redelivered_total`` of the welcome task, from the worker's metrics endpoint."""
+    return (await asyncio.to_thread(redelivered, settings.worker_metrics_port)).get(WELCOME_TASK, 0.0)
 
 
 async def _sign_up_all(base_url: httpx.URL, run: Run) -> None:
@@ -141,7 +118,7 @@ async def _kill_during_load(env: Private, settings: Settings, run: Run) -> None:
     await run.loaded.wait()
     for _ in range(KILLS):
         worker = env.workers[-1]
-        run.redelivered += await asyncio.to_thread(_redelivered, settings.worker_metrics_port)
+        run.redelivered += await welcome_redeliveries(settings)
         os.kill(worker.pid, signal.SIGKILL)
         run.kills.append(time.monotonic())
         await asyncio.to_thread(worker.wait, 10)
@@ -204,7 +181,7 @@ async def _signups_with_kills(
             await _scenario(env, settings)
         finally:
             if settings.broker_backend == "rabbitmq":
-                await asyncio.to_thread(_delete_rabbitmq_queues, env.namespace)
+                await asyncio.to_thread(delete_rabbitmq_queues, env.namespace)
 
 
 async def _scenario(env: Private, settings: Settings) -> None:
@@ -227,7 +204,7 @@ async def _scenario(env: Private, settings: Settings) -> None:
         last = await arrivals.all_of(run.addresses, within=limit + 60)
         await asyncio.sleep(1.0)  # a late duplicate would show here
     watcher.cancel()
-    run.redelivered += await asyncio.to_thread(_redelivered, settings.worker_metrics_port)
+    run.redelivered += await welcome_redeliveries(settings)
     await env.stop_worker(env.workers[-1])
 
     delay = None if last is None else last - load_end
