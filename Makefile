@@ -7,7 +7,7 @@ SHELL := /bin/bash
 VENV ?= $(or $(ATRIUM_VENV),.venv)
 export ATRIUM_VENV := $(VENV)
 
-.PHONY: run test lint migrate worker bench clean bootstrap services scale-out lock lowest canary
+.PHONY: run test soak lint migrate worker bench clean bootstrap services scale-out lock lowest canary
 
 # Arguments go to `atrium serve`: make run ARGS='--port 8001' (or '--host 0.0.0.0 --workers 2').
 run:
@@ -15,6 +15,10 @@ run:
 
 test:
 	scripts/test
+
+# The long runs kept out of `make test` (pytest marker soak): e.g. 1,000 sign-ups on RabbitMQ with kills.
+soak:
+	scripts/test -m soak
 
 bootstrap:
 	scripts/bootstrap

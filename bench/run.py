@@ -1017,6 +1017,18 @@ class Bench:
                 "--no-server-header", "--proxy-headers"]
         return Server(self.start("baseline", argv, self.baseline_env()), f"http://127.0.0.1:{port}")
 
+    def seed_apart(self, password: str, like: Variant) -> None:
+        """Seed through a server of its own (``like``'s fast path mode, tracing off), stopped
+        afterwards: no measured server has done more work than another before the run (the login,
+        a thousand inserts, the objects they leave in its heap), and no traced one exported it."""
+        seeder = self.serve_product("product-seed", self.product_env(ATRIUM_FAST_PATH=like.fast_path))
+        try:
+            wait_ready(seeder.proc, seeder.base + "/health/ready")
+            self.seed(seeder.base, password)
+        finally:
+            seeder.proc.stop()
+            self.procs.remove(seeder.proc)
+
     def seed(self, base: str, password: str) -> None:
         form = urllib.parse.urlencode({"username": ADMIN_EMAIL, "password": password}).encode()
         status, _, body = http("POST", base + API + "/auth/token", form,
@@ -1242,9 +1254,7 @@ class Bench:
         self.check_variants(variants, strict=False)
         kinds = ["warm", "cold", "warm2"] + (["mem"] if c.memory_requests else [])
         servers = self.start_products(variants, kinds)
-        # Seeded through an untraced server (--tracing: the "off" one): no variant's exports carry it.
-        seeder = next(v for v in variants if v.sampling is None)
-        self.seed(servers[seeder.name]["warm"].base, password)
+        self.seed_apart(password, variants[0])
         baseline = self.serve_baseline()
         wait_ready(baseline.proc, f"{baseline.base}/items/{self.item_ids[0]}")
         say(f"baselines up: {baseline.base}")
@@ -1475,7 +1485,7 @@ class Bench:
         variants = [on, off, *(Variant.without(p) for p in c.pieces)]
         self.check_variants(variants, strict=True)
         servers = self.start_products(variants, ["warm", "cold"])
-        self.seed(servers["on"]["warm"].base, password)
+        self.seed_apart(password, on)
         post_script = self.write_post_script()
         item0 = self.item_ids[0]
         groups: list[list[Target]] = [[], [], []]

@@ -4,10 +4,12 @@ PostgreSQL refuses a NUL character in text and an integer beyond its column's ra
 surface as 500s. Schemas and query parameters of every module take these types instead of bare
 ``str`` / ``int``, so such input is a 422 ``validation_error`` at the edge and nothing is written.
 
-- ``ONE_LINE``: one line of text, no C0 control character (U+0000-U+001F) and no DEL;
+- ``ONE_LINE``: one line of text, no control character (C0 U+0000-U+001F, DEL, C1 U+0080-U+009F);
   ``MULTI_LINE``: the same, but tab, line feed and carriage return are allowed. Metadata for
   ``Annotated[str, StringConstraints(...), ONE_LINE]``; ``Line`` / ``Paragraph`` are bare ``str``
-  with the rule.
+  with the rule. ``ONE_LINE.filled()``: and not blank, for a required field whose whitespace is
+  stripped (``strip_whitespace=True, min_length=1``): the document's ``minLength`` counts the text
+  as sent, so a name of spaces alone needs a rule of its own.
 - ``Int32`` / ``Int64``: the range of an ``Integer`` / ``BigInteger`` column (PostgreSQL's
   ``integer`` / ``bigint``); a narrower range is ``Field(ge=..., le=...)`` within them.
 - ``JSON_INTEGER``: an integer of a JSON body, taken as JSON Schema's ``integer`` is (``30`` and
@@ -35,6 +37,12 @@ _SURROGATES = r"\ud800-\udfff"
 SURROGATE_MESSAGE = "must be valid Unicode text (no lone surrogate U+D800-U+DFFF)"
 
 
+# What ``strip_whitespace`` (pydantic-core: Unicode's White_Space) takes from either end of a text,
+# less the control characters every rule here refuses anyway (tab, line breaks, U+0085).
+_STRIPPED = r" \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+BLANK_MESSAGE = "must not be blank (spaces alone)"
+
+
 def _is_surrogate(char: str) -> bool:
     return "\ud800" <= char <= "\udfff"
 
@@ -51,24 +59,37 @@ class TextRule:
     cannot carry one as a character, and an ECMA-262 class of surrogates means something else
     without the ``u`` flag."""
 
-    def __init__(self, forbidden: str, message: str, *, stated: bool = True) -> None:
+    def __init__(self, forbidden: str, message: str, *, stated: bool = True, filled: bool = False) -> None:
         self.forbidden = forbidden
-        self.pattern = f"^[^{forbidden}]*$"
         self.message = message
         self.stated = stated
+        self.is_filled = filled
         self._search = re.compile(f"[{forbidden}{_SURROGATES}]").search
+        # Some character that is neither forbidden nor stripped: an explicit class, which means the
+        # same in Python and in ECMA-262 (the document's regex dialect), where ``\S`` does not.
+        visible = f"[^{forbidden}{_STRIPPED}]"
+        self._visible = re.compile(visible).search
+        self.pattern = f"^[^{forbidden}]*{visible}[^{forbidden}]*$" if filled else f"^[^{forbidden}]*$"
 
     def unstated(self) -> TextRule:
         """The same rule, left out of the document: for a ``format`` that already excludes what it
         forbids (an ``email`` holds no control character). A ``pattern`` beside such a format says
         nothing more, and makes clients that generate values from the document (schemathesis) search
         for strings that satisfy both, which is slow."""
-        return TextRule(self.forbidden, self.message, stated=False)
+        return TextRule(self.forbidden, self.message, stated=False, filled=self.is_filled)
+
+    def filled(self) -> TextRule:
+        """The same rule, and the text must hold more than whitespace (what ``strip_whitespace``
+        removes): for a required field that is stripped, where ``"   "`` would otherwise meet the
+        documented ``minLength: 1`` and then be refused as empty."""
+        return TextRule(self.forbidden, self.message, stated=self.stated, filled=True)
 
     def check(self, value: str) -> str:
         found = self._search(value)
         if found:
             raise ValueError(SURROGATE_MESSAGE if _is_surrogate(found.group()) else self.message)
+        if self.is_filled and self._visible(value) is None:
+            raise ValueError(BLANK_MESSAGE)
         return value
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
@@ -88,10 +109,13 @@ class TextRule:
         return document
 
 
-# One line: no C0 control character (U+0000-U+001F) and no DEL.
-ONE_LINE = TextRule(r"\x00-\x1f\x7f", "must be one line without control characters (U+0000-U+001F, U+007F)")
+# One line: no control character (C0 U+0000-U+001F, DEL, C1 U+0080-U+009F). The C1 controls are
+# never typed on purpose, and one of them (U+0085, NEXT LINE) is a line break that strip_whitespace
+# removes while the document's regex dialect does not count it as whitespace.
+ONE_LINE = TextRule(r"\x00-\x1f\x7f-\x9f",
+                    "must be one line without control characters (U+0000-U+001F, U+007F-U+009F)")
 # Text over lines: tab, line feed and carriage return allowed; no other control character.
-MULTI_LINE = TextRule(r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f",
+MULTI_LINE = TextRule(r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f",
                       "must not contain control characters other than tab and line breaks")
 
 # Text of any length, for a parameter that needs no other constraint.

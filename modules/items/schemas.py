@@ -25,8 +25,8 @@ def _currency(code: str) -> str:
     return code
 
 
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=NAME_MAX), ONE_LINE,
-                 Field(examples=["Brass desk lamp"])]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=NAME_MAX),
+                 ONE_LINE.filled(), Field(examples=["Brass desk lamp"])]
 Description = Annotated[str, StringConstraints(strip_whitespace=True, max_length=DESCRIPTION_MAX), MULTI_LINE,
                         Field(examples=["Solid brass.\nShade not included."])]
 # PRICE_MAX (domain) is far inside the column's range; Int64 states the column.

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
 from core.edge.types import JSON_INTEGER, ONE_LINE, Int32, TextRule
 from modules.users.domain import MAX_PASSWORD_LENGTH, MIN_AGE, MIN_PASSWORD_LENGTH
 
-# ONE_LINE's C0 and DEL, and the C1 controls (U+0080-U+009F) as well: none of them is typed on purpose.
+# ONE_LINE's characters, with a message that does not speak of lines (a password).
 PRINTABLE = TextRule(r"\x00-\x1f\x7f-\x9f", "must not contain control characters")
 EMAIL_LENGTH = 320  # the column's
 
@@ -35,7 +35,8 @@ def _any_case(word: str) -> str:
 SPECIAL_USE_DOMAIN = r"[.@](?:" + "|".join(_any_case(name) for name in SPECIAL_USE_DOMAIN_NAMES) + r")\.?$"
 Email = Annotated[EmailStr, StringConstraints(max_length=EMAIL_LENGTH), ONE_LINE.unstated(),
                   Field(json_schema_extra={"not": {"pattern": SPECIAL_USE_DOMAIN}})]
-FullName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), ONE_LINE]
+FullName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+                     ONE_LINE.filled()]
 Password = Annotated[str, StringConstraints(min_length=MIN_PASSWORD_LENGTH, max_length=MAX_PASSWORD_LENGTH),
                      PRINTABLE]
 # A refresh token is 74 ASCII characters (core.security.RefreshTokens); the bound leaves room to change.

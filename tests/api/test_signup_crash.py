@@ -240,6 +240,7 @@ async def test_redis_broker_mails_every_signup_one_message_within_the_bound_desp
     await _signups_with_kills(tmp_path, pg_database_factory)
 
 
+@pytest.mark.soak  # RabbitMQ's redelivery of a dead worker's messages: test_crash_redelivery.py, in make test
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.redis

@@ -64,7 +64,7 @@ class TestOneLine:
         assert LINE.validate_python(text) == text
 
     @pytest.mark.parametrize("text", ["\x00", "a\x00b", "line\nbreak", "cr\r", "\x1b[31m", "\x7f", "\x1f",
-                                      "\t"])
+                                      "\t", "\x80", "\x85", "next\x85line", "\x9f"])
     def test_refuses_control_characters(self, text: str) -> None:
         with pytest.raises(ValidationError, match="one line without control characters"):
             LINE.validate_python(text)
@@ -77,6 +77,47 @@ class TestOneLine:
         for sent in ("lamp\n", "\tlamp", "la\nmp", "lamp\x1f", "\x00" * 6):
             with pytest.raises(ValidationError, match="one line"):
                 adapter.validate_python(sent)
+
+
+Required = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=8),
+                     ONE_LINE.filled()]
+REQUIRED = TypeAdapter(Required)
+# Every character Python calls whitespace (pydantic strips Unicode's White_Space, the same set less
+# U+001C-U+001F), and a few that look like it but are not.
+WHITESPACE = [chr(c) for c in range(0x110000) if chr(c).isspace()]
+LOOKALIKES = ["\ufeff", "\u200b", "\u180e", "\u2060"]
+
+
+class TestFilled:
+    """A required field that is stripped: "   " meets ``minLength: 1`` as sent, but not once stripped
+    (schemathesis: a name of U+0085 alone was documented as valid and answered 422)."""
+
+    @pytest.mark.parametrize("text", [" ", "   ", "\u00a0", "\u3000\u2003", " \u2028 "])
+    def test_refuses_whitespace_alone(self, text: str) -> None:
+        with pytest.raises(ValidationError, match="must not be blank"):
+            REQUIRED.validate_python(text)
+        assert re.fullmatch(ONE_LINE.filled().pattern, text) is None
+
+    @pytest.mark.parametrize("text", ["a", " lamp ", "\u3000x", "\ufeff", "é"])
+    def test_accepts_text_with_something_in_it(self, text: str) -> None:
+        assert REQUIRED.validate_python(text) == text.strip(" \u3000")
+        assert re.fullmatch(ONE_LINE.filled().pattern, text) is not None
+
+    @pytest.mark.parametrize("char", WHITESPACE + LOOKALIKES, ids=lambda c: f"U+{ord(c):04X}")
+    def test_every_whitespace_character_alone_is_refused_by_both_or_by_neither(self, char: str) -> None:
+        documented = re.fullmatch(ONE_LINE.filled().pattern, char) is not None
+        assert documented is accepts(REQUIRED, char)
+        assert documented is (char in LOOKALIKES)
+
+    @PROPERTY
+    @given(st.text(st.sampled_from(WHITESPACE + LOOKALIKES) | st.characters(max_codepoint=0x2FF),
+                   max_size=10))
+    def test_the_pattern_and_the_validator_agree(self, text: str) -> None:
+        documented = re.fullmatch(ONE_LINE.filled().pattern, text) is not None and len(text) >= 1
+        if len(text) <= 8:  # maxLength counts the text as sent; the server counts it stripped
+            assert documented is accepts(REQUIRED, text)
+        elif documented:
+            assert accepts(REQUIRED, text) is (len(text.strip()) <= 8)
 
 
 class TestMultiLine:

@@ -468,6 +468,28 @@ async def test_an_unsampled_request_records_nothing_but_carries_its_trace_to_the
     assert any(not parent.startswith(f"00-{TRACE_ID}-") for parent in parents)  # a trace of its own
 
 
+@pytest.mark.parametrize("fast_path", [False, True])
+async def test_an_engine_gets_one_set_of_tracing_listeners(
+        tmp_path: Path, record: Callable[..., InMemorySpanExporter], fast_path: bool) -> None:
+    """One tracer per engine: the instrumentation wraps both SQLAlchemy's async and sync
+    constructors, and a second tracer would run every statement's and checkout's listeners twice."""
+    from core.db.engine import create_engine
+
+    record()
+    urls = [f"sqlite+aiosqlite:///{tmp_path / 'one.db'}", "postgresql+asyncpg://127.0.0.1/test"]
+    for url in urls:  # made, never connected: the listeners are added at creation
+        engine = create_engine(url, fast_path=fast_path)
+        try:
+            sync_engine = engine.sync_engine
+            events = ((sync_engine.dispatch, ("before_cursor_execute", "after_cursor_execute")),
+                      (sync_engine.pool.dispatch, ("checkout", "checkin", "connect")))
+            per_event = {name: sum(map(tracing.is_instrumentation, getattr(dispatch, name)))
+                         for dispatch, names in events for name in names}
+            assert per_event == dict.fromkeys(per_event, 1), url
+        finally:
+            await engine.dispose()
+
+
 async def test_the_fast_path_counts_the_tracing_listeners_only_in_a_traced_request(
         tmp_path: Path, record: Callable[..., InMemorySpanExporter]) -> None:
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, use_span
