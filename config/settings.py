@@ -320,6 +320,10 @@ class Settings(BaseSettings):
     access_token_ttl_seconds: int = Field(900, ge=60)
     # A session ends this long after its last refresh (each refresh moves the end), or when revoked.
     refresh_token_ttl_seconds: int = Field(30 * 86_400, ge=300)
+    # A session that ended (expired or revoked) this long ago is deleted by the workers' purge, run
+    # every users_session_purge_interval_seconds (users.purge_sessions).
+    users_session_retention_days: float = Field(7.0, ge=0)
+    users_session_purge_interval_seconds: float = Field(3600.0, gt=0)
     # How long an API process may reuse what it read of a session and its account (logout, a
     # disabled account, a revoked admin role reach every process within this); 0 = read every time.
     auth_cache_seconds: float = Field(0.5, ge=0, le=1.0)

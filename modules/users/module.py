@@ -5,7 +5,7 @@ from modules.users.container import UsersContainer
 from modules.users.models import SessionRow, UserRow
 from modules.users.public import UserRegistered
 from modules.users.router import router
-from modules.users.tasks import send_welcome_email
+from modules.users.tasks import purge_sessions, send_welcome_email
 
 MODULE = Module(
     name="users",
@@ -13,4 +13,5 @@ MODULE = Module(
     router=router,
     models=(UserRow, SessionRow),
     subscriptions={UserRegistered: (send_welcome_email,)},
+    periodic=(purge_sessions,),
 )

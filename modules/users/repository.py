@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, Update, bindparam, select, update
+from sqlalchemy import Delete, Select, Update, bindparam, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.db.repository import Repository
@@ -58,6 +58,12 @@ class SessionRepository(Repository[SessionRow]):
         return (update(SessionRow).where(*criteria, SessionRow.revoked_at.is_(None))
                 .values(revoked_at=now, revoked_reason=reason)
                 .returning(SessionRow.id).execution_options(**_NO_SYNC))
+
+    def ended_before(self, cutoff: datetime) -> Delete:
+        """Delete the sessions that expired or were revoked before ``cutoff``."""
+        return (delete(SessionRow)
+                .where(or_(SessionRow.expires_at < cutoff, SessionRow.revoked_at < cutoff))
+                .execution_options(**_NO_SYNC))
 
     def current_of(self, user_id: uuid.UUID, now: datetime) -> Select[uuid.UUID]:
         """Ids of the user's sessions that have not expired (revoked or not): what a change of the

@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 import uuid
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -161,6 +162,14 @@ class UserService:
         if principal.session_id is not None:
             others.append(SessionRow.id != principal.session_id)
         await self._end(session, self._sessions.revoke(*others, now=utcnow(), reason=PASSWORD_CHANGED))
+
+    async def purge_sessions(self, session: AsyncSession, retention_days: float) -> int:
+        """Delete the sessions that ended (expired, or were revoked) more than ``retention_days``
+        ago; how many. Until then a spent or revoked refresh token is answered by what ended its
+        session (``session_ended``, ``refresh_token_reused``); afterwards as an unknown session."""
+        cutoff = utcnow() - timedelta(days=retention_days)
+        result = cast("CursorResult[Any]", await session.execute(self._sessions.ended_before(cutoff)))
+        return int(result.rowcount or 0)
 
     def _pair(self, user_id: uuid.UUID, session_id: uuid.UUID, generation: int) -> TokenPair:
         return TokenPair(

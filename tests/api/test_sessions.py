@@ -10,6 +10,7 @@ import dataclasses
 import json
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,18 @@ import httpx
 import jwt
 import pytest
 from loguru import logger
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from containers import build_container
+from core.db.base import utcnow
 from core.db.session import UnitOfWork
+from core.messaging.periodic import PeriodicRunner
 from core.module import ModuleError, load_modules
 from core.security import AccessClaims, Principal
 from main import create_app
 from modules.users.domain import UnknownAccount
 from modules.users.models import SessionRow
+from modules.users.tasks import purge_sessions
 from tests.support.api import bearer, make_admin, sign_up, signup_body, unique_email
 from tests.support.api_process import production_pair
 from tests.support.envelope import assert_envelope
@@ -384,6 +388,35 @@ class TestOpenApi:
         form_ref = document["paths"][TOKEN]["post"]["requestBody"]["content"][
             "application/x-www-form-urlencoded"]["schema"]["$ref"].rsplit("/", 1)[-1]
         assert "pattern" in schemas[form_ref]["properties"]["username"]
+
+
+class TestPurge:
+    async def test_the_workers_purge_deletes_the_sessions_that_ended_long_ago_and_nothing_else(
+        self, stack: Stack
+    ) -> None:
+        _, body = await account(stack.client)
+        pairs = {name: await login(stack.client, body) for name in ("live", "expired", "revoked", "lately")}
+        sid = {name: uuid.UUID(claims_of(pair["access_token"])["sid"]) for name, pair in pairs.items()}
+        retention = timedelta(days=stack.settings.users_session_retention_days)
+        long_ago = utcnow() - retention - timedelta(hours=1)
+        lately = utcnow() - retention + timedelta(hours=1)
+        ended = {"expired": {"expires_at": long_ago},
+                 "revoked": {"revoked_at": long_ago, "revoked_reason": "logout"},
+                 "lately": {"expires_at": lately}}  # ended, but within the retention
+        async with UnitOfWork(stack.container.sessions()) as session:
+            for name, values in ended.items():
+                await session.execute(update(SessionRow).where(SessionRow.id == sid[name]).values(**values))
+
+        runner = PeriodicRunner(stack.container.sessions(), {"users": stack.container.users},
+                                [purge_sessions], stack.settings)
+        await runner.run_once("users.purge_sessions")
+
+        async with UnitOfWork(stack.container.sessions()) as session:
+            left = set(await session.scalars(select(SessionRow.id).where(SessionRow.id.in_(sid.values()))))
+        assert left == {sid["live"], sid["lately"]}
+        gone = await refresh(stack.client, pairs["expired"]["refresh_token"])  # an unknown session now
+        assert_envelope(gone, 401, "invalid_refresh_token")
+        assert (await refresh(stack.client, pairs["live"]["refresh_token"])).status_code == 200
 
 
 # --- across processes ------------------------------------------------------------------------------
