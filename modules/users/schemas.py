@@ -20,7 +20,7 @@ from core.edge.types import JSON_INTEGER, ONE_LINE, Int32, TextRule
 from modules.users.domain import MAX_PASSWORD_LENGTH, MIN_AGE, MIN_PASSWORD_LENGTH
 
 # ONE_LINE's characters, with a message that does not speak of lines (a password).
-PRINTABLE = TextRule(r"\x00-\x1f\x7f-\x9f", "must not contain control characters")
+PRINTABLE = TextRule(ONE_LINE.forbidden, "must not contain control characters")
 EMAIL_LENGTH = 320  # the column's
 
 
