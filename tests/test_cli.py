@@ -623,8 +623,9 @@ def test_migrate_against_a_paused_postgres_gives_up_after_the_connect_timeout() 
 
     assert one_line(result) == f"atrium: ATRIUM_DATABASE_URL: cannot connect to 127.0.0.1:{pg.port} " \
                                "(no answer within 1 s)"
-    # The interpreter's start (importing main: about 4 s here, twice that with the suite's other lanes
-    # busy) plus twice the connect timeout: a hang on the paused server would take minutes.
+    # The interpreter's start (importing main: 1.5 s of CPU with the bytecode scripts/bootstrap writes,
+    # about 4 s where it is missing and PYTHONDONTWRITEBYTECODE is set, twice that with the suite's
+    # other lanes busy) plus twice the connect timeout: a hang on the paused server would take minutes.
     assert took < 20, f"{took:.1f}s"
     print(f"\n[paused postgres] `atrium migrate` gave up in {took:.2f}s (connect timeout 1 s)")
 
